@@ -1,0 +1,103 @@
+"""Tiny random-weight reference models built with transformers (the test oracle) and their inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+              num_attention_heads=4, image_size=30, patch_size=6, projection_dim=16)
+TEXT = dict(model_type="llama", hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=128, max_position_embeddings=512)
+IMAGE_TOKEN = 120
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.08) -> torch.nn.Module:
+    """Overwrite every parameter with noise (norm weights around 1), so no zero or unit init hides a bug."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            is_norm_weight = name.endswith("weight") and p.dim() == 1 and "norm" in name.lower()
+            p.copy_((1 + noise if is_norm_weight else noise * 3 if p.dim() == 1 else noise).to(p.dtype))
+    return model
+
+
+def hf_llava_config(model_type: str = "vipllava", *, text: dict | None = None, vision: dict | None = None,
+                    **top):
+    from transformers import LlavaConfig, VipLlavaConfig
+
+    cls = VipLlavaConfig if model_type == "vipllava" else LlavaConfig
+    return cls(text_config={**TEXT, **(text or {})}, vision_config={**VISION, **(vision or {})},
+               image_token_index=IMAGE_TOKEN, **top)
+
+
+def hf_llava_model(config, seed: int = 0):
+    from transformers import LlavaForConditionalGeneration, VipLlavaForConditionalGeneration
+
+    cls = VipLlavaForConditionalGeneration if config.model_type == "vipllava" else LlavaForConditionalGeneration
+    torch.manual_seed(seed)
+    return randomize_(cls(config), seed).eval()
+
+
+def tokens_per_image(config) -> int:
+    v = config.vision_config
+    n = (v.image_size // v.patch_size) ** 2
+    keeps_cls = config.model_type == "llava" and config.vision_feature_select_strategy == "full"
+    return n + int(keeps_cls)
+
+
+def llava_inputs(config, *, batch: int = 2, seq: int = 12, images_per_row: int = 1, shorter: tuple[int, ...] = (),
+                 seed: int = 0) -> dict[str, torch.Tensor]:
+    """input_ids with `<image>` runs; row b has `shorter[b]` fewer text tokens and is left-padded to the
+    longest row (pad id 0, attention_mask 0); pixel_values for every image, rows in order."""
+    g = torch.Generator().manual_seed(seed)
+    p = tokens_per_image(config)
+    v = config.vision_config
+    rows = []
+    for b in range(batch):
+        parts = [torch.randint(3, 100, (2,), generator=g)]
+        for _ in range(images_per_row):
+            parts += [torch.full((p,), IMAGE_TOKEN), torch.randint(3, 100, (2,), generator=g)]
+        cut = shorter[b] if b < len(shorter) else 0
+        parts.append(torch.randint(3, 100, (seq - cut,), generator=g))
+        rows.append(torch.cat(parts))
+    length = max(len(r) for r in rows)
+    input_ids = torch.zeros(batch, length, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, length - len(r):] = r
+        mask[b, length - len(r):] = 1
+    pixel_values = torch.randn(batch * images_per_row, 3, v.image_size, v.image_size, generator=g)
+    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values}
+
+
+def save_published_layout(hf_folder: Path, out: Path) -> Path:
+    """Rewrite a transformers-5-saved folder in the hub's layout (`vision_tower.vision_model.*`, plus a
+    persisted `position_ids` buffer as 4.3x checkpoints hold) with the published config key names."""
+    shutil.copytree(hf_folder, out, dirs_exist_ok=True)
+    sd = load_file(str(hf_folder / "model.safetensors"))
+    sd = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in sd.items()}
+    n = sd["vision_tower.vision_model.embeddings.position_embedding.weight"].shape[0]
+    sd["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(n)[None]
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((out / "config.json").read_text())
+    if cfg["model_type"] == "vipllava":
+        cfg["vision_feature_layers"] = cfg.pop("vision_feature_layer")
+    text = cfg["text_config"]
+    text["rope_theta"] = text.pop("rope_parameters")["rope_theta"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def save_state_dict_layout(hf_model, out: Path, config_folder: Path) -> Path:
+    """A folder whose keys are transformers 5's in-memory names (`model.language_model.*`, `lm_head.*`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(config_folder / "config.json", out / "config.json")
+    sd = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -1,0 +1,253 @@
+"""The LLaMA text decoder that both model families use.
+
+Module attribute names follow the Hugging Face checkpoints (`model.layers.{i}.self_attn.q_proj`, ...),
+so a checkpoint's `language_model.*` tensors load by identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.configs import known_fields, require_positive
+from vlmkit.modules import (
+    ROPE_TYPES,
+    KVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    SwiGLU,
+    apply_rotary,
+    attention,
+    causal_mask,
+)
+
+TEXT_MODEL_TYPES = ("llama",)
+
+
+@dataclass
+class LlamaConfig:
+    """Text decoder configuration. Defaults equal transformers' `LlamaConfig` defaults, because the
+    published checkpoints leave out every field equal to them."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # other keys, written back on save
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        require_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads", "num_key_value_heads", "head_dim")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", "default")
+            if rope_type not in ROPE_TYPES:
+                raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(ROPE_TYPES)}")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
+        """Read a `llama` config.json dict, old (`rope_theta`, `rope_scaling`) or new (`rope_parameters`)."""
+        d = dict(d)
+        model_type = d.get("model_type", "llama")
+        if model_type not in TEXT_MODEL_TYPES:
+            raise ValueError(
+                f"text model type {model_type!r} is not supported; supported: {list(TEXT_MODEL_TYPES)}"
+            )
+        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
+        rope = dict(rope)
+        if "type" in rope and "rope_type" not in rope:  # the oldest form: {"type": "linear", "factor": 2}
+            rope["rope_type"] = rope.pop("type")
+        theta = rope.pop("rope_theta", d.pop("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", "default")
+        kwargs = known_fields(cls, d)
+        kwargs.pop("extra", None)
+        kwargs["rope_theta"] = float(theta)
+        kwargs["rope_scaling"] = None if rope_type == "default" else rope
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json dict transformers 5 reads (and writes)."""
+        rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
+        return {
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+        }
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self, x: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S_max, D)
+        y = attention(q, k, v, mask=mask, is_causal=True)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, act=config.hidden_act, bias=config.mlp_bias)
+
+    def forward(
+        self, x: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, mask=mask, input_pos=input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (`language_model.model` in a checkpoint)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds (B, T, C) -> final hidden states (B, T, C).
+
+        Without a KV cache, the T tokens are the whole sequence. With one (`setup_cache`), `input_pos` (T,)
+        gives their slots in the cache and `attention_mask` (B, S') covers every key written so far.
+        `position_ids` (B, T) default to the token's slot, as in the reference.
+        """
+        B, T, _ = inputs_embeds.shape
+        cached = self.layers[0].self_attn.kv_cache is not None if len(self.layers) else False
+        if input_pos is None:
+            if cached:
+                raise ValueError("input_pos is required when a KV cache is set up")
+            input_pos = torch.arange(T, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = input_pos[None].expand(B, T)
+        if cached:
+            key_len = self.layers[0].self_attn.kv_cache.max_seq_len
+            mask = causal_mask(attention_mask, input_pos, key_len)
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            mask = causal_mask(attention_mask, input_pos, T)
+        else:
+            mask = None  # plain causal attention: SDPA's is_causal fast path
+        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos=cos, sin=sin, mask=mask, input_pos=input_pos)
+        return self.norm(x)
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> None:
+        """Preallocate a KV cache of `max_seq_len` slots in every layer."""
+        weight = self.embed_tokens.weight
+        for layer in self.layers:
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim,
+                                    dtype=dtype or weight.dtype, device=device or weight.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder plus its LM head (`language_model` in a LLaVA-family checkpoint)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+
+def check_text_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      labels: torch.Tensor | None) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq_len); got {shape}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty (seq_len 0)")
+    for name, t in (("attention_mask", attention_mask), ("labels", labels)):
+        if t is not None and tuple(t.shape) != tuple(input_ids.shape):
+            raise ValueError(f"{name} shape {tuple(t.shape)} does not match input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy in fp32: logits (B, T, V) at t predict labels at t+1; -100 is ignored."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match input shape {tuple(logits.shape[:2])}")
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)

@@ -1,0 +1,65 @@
+"""The model families vlmkit knows, and `load_model`, which picks one from a checkpoint's `model_type`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmkit.weights import (
+    KeyMap,
+    checkpoint_dtype,
+    load_weights,
+    parse_dtype,
+    read_config,
+    read_tensors,
+    remap_keys,
+    resolve_checkpoint,
+    weight_files,
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    config_cls: type
+    model_cls: type[nn.Module]
+    key_map: KeyMap
+    ignore: tuple[str, ...] = ()
+
+
+def families() -> dict[str, Family]:
+    from vlmkit.vipllava import KEY_IGNORE, KEY_MAP, VipLlavaConfig, VipLlavaModel
+
+    llava = Family(VipLlavaConfig, VipLlavaModel, KEY_MAP, KEY_IGNORE)
+    return {"vipllava": llava, "llava": llava}
+
+
+def family_for(config: dict[str, Any], source: str) -> Family:
+    table = families()
+    model_type = config.get("model_type")
+    if model_type not in table:
+        raise ValueError(f"{source}: model_type {model_type!r} is not supported by vlmkit; "
+                         f"supported: {sorted(table)}")
+    return table[model_type]
+
+
+def load_model(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None, revision: str | None = None) -> nn.Module:
+    """Load a published (or transformers-saved, or vlmkit-saved) checkpoint.
+
+    dtype: None or "auto" keeps the checkpoint's floating dtype; device: where the weights go (default CPU).
+    The model is built on the meta device and the tensors are assigned, so nothing is allocated twice.
+    """
+    folder = resolve_checkpoint(path_or_repo_id, revision=revision)
+    raw = read_config(folder)
+    family = family_for(raw, str(folder / "config.json"))
+    config = family.config_cls.from_hf(raw)
+    tensors = remap_keys(read_tensors(weight_files(folder)), family.key_map, family.ignore)
+    dtype = parse_dtype(dtype) or checkpoint_dtype(tensors)
+    with torch.device("meta"):
+        model = family.model_cls(config)
+    load_weights(model, tensors, dtype=dtype, device=device, source=str(folder))
+    return model.eval()
