@@ -9,10 +9,26 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-              num_attention_heads=4, image_size=30, patch_size=6, projection_dim=16)
-TEXT = dict(model_type="llama", hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=4, vocab_size=128, max_position_embeddings=512)
+VISION = dict(
+    model_type="clip_vision_model",
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    image_size=30,
+    patch_size=6,
+    projection_dim=16,
+)
+TEXT = dict(
+    model_type="llama",
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=128,
+    max_position_embeddings=512,
+)
 IMAGE_TOKEN = 120
 
 
@@ -27,19 +43,26 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.08) -> torc
     return model
 
 
-def hf_llava_config(model_type: str = "vipllava", *, text: dict | None = None, vision: dict | None = None,
-                    **top):
+def hf_llava_config(
+    model_type: str = "vipllava", *, text: dict | None = None, vision: dict | None = None, **top
+):
     from transformers import LlavaConfig, VipLlavaConfig
 
     cls = VipLlavaConfig if model_type == "vipllava" else LlavaConfig
-    return cls(text_config={**TEXT, **(text or {})}, vision_config={**VISION, **(vision or {})},
-               image_token_index=IMAGE_TOKEN, **top)
+    return cls(
+        text_config={**TEXT, **(text or {})},
+        vision_config={**VISION, **(vision or {})},
+        image_token_index=IMAGE_TOKEN,
+        **top,
+    )
 
 
 def hf_llava_model(config, seed: int = 0):
     from transformers import LlavaForConditionalGeneration, VipLlavaForConditionalGeneration
 
-    cls = VipLlavaForConditionalGeneration if config.model_type == "vipllava" else LlavaForConditionalGeneration
+    cls = (
+        VipLlavaForConditionalGeneration if config.model_type == "vipllava" else LlavaForConditionalGeneration
+    )
     torch.manual_seed(seed)
     return randomize_(cls(config), seed).eval()
 
@@ -51,8 +74,15 @@ def tokens_per_image(config) -> int:
     return n + int(keeps_cls)
 
 
-def llava_inputs(config, *, batch: int = 2, seq: int = 12, images_per_row: int = 1, shorter: tuple[int, ...] = (),
-                 seed: int = 0) -> dict[str, torch.Tensor]:
+def llava_inputs(
+    config,
+    *,
+    batch: int = 2,
+    seq: int = 12,
+    images_per_row: int = 1,
+    shorter: tuple[int, ...] = (),
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """input_ids with `<image>` runs; row b has `shorter[b]` fewer text tokens and is left-padded to the
     longest row (pad id 0, attention_mask 0); pixel_values for every image, rows in order."""
     g = torch.Generator().manual_seed(seed)
@@ -70,8 +100,8 @@ def llava_inputs(config, *, batch: int = 2, seq: int = 12, images_per_row: int =
     input_ids = torch.zeros(batch, length, dtype=torch.long)
     mask = torch.zeros(batch, length, dtype=torch.long)
     for b, r in enumerate(rows):
-        input_ids[b, length - len(r):] = r
-        mask[b, length - len(r):] = 1
+        input_ids[b, length - len(r) :] = r
+        mask[b, length - len(r) :] = 1
     pixel_values = torch.randn(batch * images_per_row, 3, v.image_size, v.image_size, generator=g)
     return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": pixel_values}
 

@@ -6,7 +6,13 @@ import random
 
 import pytest
 import torch
-from oracle import hf_llava_config, hf_llava_model, llava_inputs, save_published_layout, save_state_dict_layout
+from oracle import (
+    hf_llava_config,
+    hf_llava_model,
+    llava_inputs,
+    save_published_layout,
+    save_state_dict_layout,
+)
 
 import vlmkit
 
@@ -14,17 +20,34 @@ TOL = 1e-4
 
 CONFIGS = {
     "vipllava-mha-mixed-layers": ("vipllava", dict(vision_feature_layers=[-2, -5, 0, 3]), {}),
-    "vipllava-gqa-theta": ("vipllava", dict(vision_feature_layers=[-1, 2]),
-                           dict(num_key_value_heads=2, rope_theta=500000.0)),
+    "vipllava-gqa-theta": (
+        "vipllava",
+        dict(vision_feature_layers=[-1, 2]),
+        dict(num_key_value_heads=2, rope_theta=500000.0),
+    ),
     "vipllava-single-layer": ("vipllava", dict(vision_feature_layers=-2), dict(num_key_value_heads=1)),
     "llava-default": ("llava", dict(vision_feature_layer=-2), dict(num_key_value_heads=2)),
-    "llava-full-nobias": ("llava", dict(vision_feature_layer=1, vision_feature_select_strategy="full",
-                                        multimodal_projector_bias=False), {}),
+    "llava-full-nobias": (
+        "llava",
+        dict(vision_feature_layer=1, vision_feature_select_strategy="full", multimodal_projector_bias=False),
+        {},
+    ),
     "llava-multi-layer": ("llava", dict(vision_feature_layer=[-3, -1]), {}),
     "llava-linear-rope": ("llava", dict(), dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "vipllava-llama3-rope": ("vipllava", dict(vision_feature_layers=[-2, 1]), dict(
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64}, rope_theta=500000.0)),
+    "vipllava-llama3-rope": (
+        "vipllava",
+        dict(vision_feature_layers=[-2, 1]),
+        dict(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            rope_theta=500000.0,
+        ),
+    ),
 }
 
 
@@ -108,20 +131,32 @@ def random_config(rng: random.Random) -> tuple[str, dict, dict, dict]:
     """A config drawn at random: sizes, head layout, feature layers, strategy, activations."""
     model_type = rng.choice(["vipllava", "llava"])
     heads = rng.choice([2, 4])
-    text = dict(num_attention_heads=heads, num_key_value_heads=rng.choice([h for h in (1, 2, 4) if heads % h == 0]),
-                hidden_size=heads * rng.choice([8, 16]), intermediate_size=rng.choice([40, 64]),
-                num_hidden_layers=rng.choice([1, 2]), rms_norm_eps=rng.choice([1e-5, 1e-6]),
-                rope_parameters={"rope_type": "default", "rope_theta": rng.choice([10000.0, 1e6])})
+    text = dict(
+        num_attention_heads=heads,
+        num_key_value_heads=rng.choice([h for h in (1, 2, 4) if heads % h == 0]),
+        hidden_size=heads * rng.choice([8, 16]),
+        intermediate_size=rng.choice([40, 64]),
+        num_hidden_layers=rng.choice([1, 2]),
+        rms_norm_eps=rng.choice([1e-5, 1e-6]),
+        rope_parameters={"rope_type": "default", "rope_theta": rng.choice([10000.0, 1e6])},
+    )
     n_vis = rng.choice([2, 3, 5])
-    vision = dict(num_hidden_layers=n_vis, hidden_size=rng.choice([16, 24]), num_attention_heads=rng.choice([2, 4]),
-                  image_size=rng.choice([24, 36]), patch_size=rng.choice([6, 12]),
-                  hidden_act=rng.choice(["quick_gelu", "gelu"]))
+    vision = dict(
+        num_hidden_layers=n_vis,
+        hidden_size=rng.choice([16, 24]),
+        num_attention_heads=rng.choice([2, 4]),
+        image_size=rng.choice([24, 36]),
+        patch_size=rng.choice([6, 12]),
+        hidden_act=rng.choice(["quick_gelu", "gelu"]),
+    )
     layers = rng.sample(range(-n_vis - 1, n_vis + 1), k=rng.choice([1, 2, 3]))
     if model_type == "vipllava":
         top = dict(vision_feature_layers=layers, projector_hidden_act=rng.choice(["gelu", "silu"]))
     else:
-        top = dict(vision_feature_layer=layers[0] if len(layers) == 1 else layers,
-                   vision_feature_select_strategy=rng.choice(["default", "full"]))
+        top = dict(
+            vision_feature_layer=layers[0] if len(layers) == 1 else layers,
+            vision_feature_select_strategy=rng.choice(["default", "full"]),
+        )
     return model_type, top, text, vision
 
 

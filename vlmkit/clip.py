@@ -33,11 +33,21 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        require_positive(self, "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                         "num_channels", "image_size", "patch_size")
+        require_positive(
+            self,
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_channels",
+            "image_size",
+            "patch_size",
+        )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"vision hidden_size ({self.hidden_size}) is not a multiple of "
-                             f"num_attention_heads ({self.num_attention_heads})")
+            raise ValueError(
+                f"vision hidden_size ({self.hidden_size}) is not a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
         activation(self.hidden_act)
 
     @property
@@ -51,7 +61,9 @@ class CLIPVisionConfig:
             d = d["vision_config"]
         model_type = d.get("model_type", "clip_vision_model")
         if model_type not in ("clip_vision_model", "clip"):
-            raise ValueError(f"vision model type {model_type!r} is not supported; supported: ['clip_vision_model']")
+            raise ValueError(
+                f"vision model type {model_type!r} is not supported; supported: ['clip_vision_model']"
+            )
         for key in ("image_size", "patch_size"):
             if isinstance(d.get(key), (list, tuple)):
                 if len(set(d[key])) != 1:
@@ -68,8 +80,13 @@ class CLIPVisionEmbeddings(nn.Module):
         super().__init__()
         self.config = config
         self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
-        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
-                                         stride=config.patch_size, bias=False)
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels,
+            config.hidden_size,
+            kernel_size=config.patch_size,
+            stride=config.patch_size,
+            bias=False,
+        )
         self.position_embedding = nn.Embedding(config.num_patches + 1, config.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -95,8 +112,10 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, H, T, D)
+        q, k, v = (
+            p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )  # (B, H, T, D)
         y = attention(q, k, v, mask=None)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -145,8 +164,10 @@ class CLIPVisionTransformer(nn.Module):
         output of layer i, negative indices count from the end (-1 is the last layer's output)."""
         n = len(self.encoder.layers) + 1
         if not -n <= index < n:
-            raise ValueError(f"vision feature layer {index} is out of range for a tower of "
-                             f"{n - 1} layers (valid: {-n}..{n - 1})")
+            raise ValueError(
+                f"vision feature layer {index} is out of range for a tower of "
+                f"{n - 1} layers (valid: {-n}..{n - 1})"
+            )
         return index % n
 
     def forward(self, pixel_values: torch.Tensor, *, layers: Sequence[int] = (-1,)) -> list[torch.Tensor]:
@@ -157,8 +178,10 @@ class CLIPVisionTransformer(nn.Module):
         c = self.config
         expected = (c.num_channels, c.image_size, c.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(f"pixel_values must have shape (batch, {', '.join(map(str, expected))}); "
-                             f"got {tuple(pixel_values.shape)}. Preprocess images with the model's processor.")
+            raise ValueError(
+                f"pixel_values must have shape (batch, {', '.join(map(str, expected))}); "
+                f"got {tuple(pixel_values.shape)}. Preprocess images with the model's processor."
+            )
         wanted = [self.resolve_layer(i) for i in layers]
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         keep = set(wanted)
@@ -184,4 +207,3 @@ class CLIPVisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, *, layers: Sequence[int] = (-1,)) -> list[torch.Tensor]:
         return self.vision_model(pixel_values, layers=layers)
-

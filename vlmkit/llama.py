@@ -58,8 +58,16 @@ class LlamaConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        require_positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                         "num_attention_heads", "num_key_value_heads", "head_dim")
+        require_positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -130,7 +138,12 @@ class LlamaAttention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(
-        self, x: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+        self,
+        x: torch.Tensor,
+        *,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
         input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
@@ -150,10 +163,17 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, act=config.hidden_act, bias=config.mlp_bias)
+        self.mlp = SwiGLU(
+            config.hidden_size, config.intermediate_size, act=config.hidden_act, bias=config.mlp_bias
+        )
 
     def forward(
-        self, x: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+        self,
+        x: torch.Tensor,
+        *,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
         input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, mask=mask, input_pos=input_pos)
@@ -172,8 +192,12 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def forward(
-        self, inputs_embeds: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None, input_pos: torch.Tensor | None = None,
+        self,
+        inputs_embeds: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        input_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """inputs_embeds (B, T, C) -> final hidden states (B, T, C).
 
@@ -202,14 +226,26 @@ class LlamaModel(nn.Module):
             x = layer(x, cos=cos, sin=sin, mask=mask, input_pos=input_pos)
         return self.norm(x)
 
-    def setup_cache(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> None:
+    def setup_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         """Preallocate a KV cache of `max_seq_len` slots in every layer."""
         weight = self.embed_tokens.weight
         for layer in self.layers:
             attn = layer.self_attn
-            attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim,
-                                    dtype=dtype or weight.dtype, device=device or weight.device)
+            attn.kv_cache = KVCache(
+                batch_size,
+                max_seq_len,
+                attn.n_kv_heads,
+                attn.head_dim,
+                dtype=dtype or weight.dtype,
+                device=device or weight.device,
+            )
 
     def clear_cache(self) -> None:
         for layer in self.layers:
@@ -231,8 +267,9 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
 
-def check_text_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                      labels: torch.Tensor | None) -> None:
+def check_text_inputs(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None
+) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be an integer tensor of shape (batch, seq_len); got {shape}")
@@ -240,14 +277,17 @@ def check_text_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | No
         raise ValueError("input_ids is empty (seq_len 0)")
     for name, t in (("attention_mask", attention_mask), ("labels", labels)):
         if t is not None and tuple(t.shape) != tuple(input_ids.shape):
-            raise ValueError(f"{name} shape {tuple(t.shape)} does not match input_ids shape "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(
+                f"{name} shape {tuple(t.shape)} does not match input_ids shape {tuple(input_ids.shape)}"
+            )
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Next-token cross-entropy in fp32: logits (B, T, V) at t predict labels at t+1; -100 is ignored."""
     if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match input shape {tuple(logits.shape[:2])}")
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match input shape {tuple(logits.shape[:2])}"
+        )
     shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)

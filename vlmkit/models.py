@@ -41,13 +41,19 @@ def family_for(config: dict[str, Any], source: str) -> Family:
     table = families()
     model_type = config.get("model_type")
     if model_type not in table:
-        raise ValueError(f"{source}: model_type {model_type!r} is not supported by vlmkit; "
-                         f"supported: {sorted(table)}")
+        raise ValueError(
+            f"{source}: model_type {model_type!r} is not supported by vlmkit; supported: {sorted(table)}"
+        )
     return table[model_type]
 
 
-def load_model(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None, revision: str | None = None) -> nn.Module:
+def load_model(
+    path_or_repo_id: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    revision: str | None = None,
+) -> nn.Module:
     """Load a published (or transformers-saved, or vlmkit-saved) checkpoint.
 
     dtype: None or "auto" keeps the checkpoint's floating dtype; device: where the weights go (default CPU).

@@ -147,7 +147,13 @@ class KVCache(nn.Module):
     """Preallocated key/value storage for one attention layer, written in place at `input_pos`."""
 
     def __init__(
-        self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -174,7 +180,12 @@ class KVCache(nn.Module):
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, is_causal: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    is_causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads. q (B, H, T, D), k/v (B, Hkv, S, D)."""
@@ -184,9 +195,7 @@ def attention(
     )
 
 
-def causal_mask(
-    attention_mask: torch.Tensor | None, query_pos: torch.Tensor, key_len: int
-) -> torch.Tensor:
+def causal_mask(attention_mask: torch.Tensor | None, query_pos: torch.Tensor, key_len: int) -> torch.Tensor:
     """Boolean mask (B or 1, 1, T, S): key j visible to query t if j <= query_pos[t] and key j is not padding.
 
     attention_mask (B, S') is 1 for real tokens over all keys seen so far (S' <= S; keys past S' are not

@@ -28,8 +28,16 @@ TORCH_INDEX = "pytorch_model.bin.index.json"
 
 KeyMap = Sequence[tuple[str, str]]
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 class CheckpointError(ValueError):
@@ -50,21 +58,30 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | No
     if path.is_dir():
         return path
     text = str(path_or_repo_id)
-    looks_local = path.exists() or text.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text)
+    looks_local = (
+        path.exists() or text.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text)
+    )
     if looks_local:
         what = "is a file, not a folder" if path.exists() else "does not exist"
-        raise FileNotFoundError(f"checkpoint path {text!r} {what}; pass a folder holding config.json and "
-                                f"the weights, or a Hugging Face repo id such as 'llava-hf/vip-llava-7b-hf'")
+        raise FileNotFoundError(
+            f"checkpoint path {text!r} {what}; pass a folder holding config.json and "
+            f"the weights, or a Hugging Face repo id such as 'llava-hf/vip-llava-7b-hf'"
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
         folder = Path(snapshot_download(text, revision=revision, allow_patterns=HUB_PATTERNS))
         if not any(folder.glob("*.safetensors")):  # an old repo with only pickled weights
-            folder = Path(snapshot_download(text, revision=revision,
-                                            allow_patterns=[*HUB_PATTERNS, "pytorch_model*.bin"]))
+            folder = Path(
+                snapshot_download(
+                    text, revision=revision, allow_patterns=[*HUB_PATTERNS, "pytorch_model*.bin"]
+                )
+            )
     except HFValidationError as e:
-        raise FileNotFoundError(f"{text!r} is neither a local folder nor a valid Hugging Face repo id: {e}") from e
+        raise FileNotFoundError(
+            f"{text!r} is neither a local folder nor a valid Hugging Face repo id: {e}"
+        ) from e
     except Exception as e:  # offline, not cached, gated, network down: say which and how to fix it
         raise FileNotFoundError(
             f"could not get checkpoint {text!r} from the Hugging Face hub or its local cache "
@@ -104,14 +121,17 @@ def weight_files(folder: Path) -> list[Path]:
             files = [folder / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise FileNotFoundError(f"{index} names shards that are not in {folder}: {missing}; "
-                                        f"the download is incomplete")
+                raise FileNotFoundError(
+                    f"{index} names shards that are not in {folder}: {missing}; the download is incomplete"
+                )
             return files
         if (folder / single).is_file():
             return [folder / single]
     found = sorted(p.name for p in folder.iterdir())
-    raise FileNotFoundError(f"no weights in {folder} (looked for {SAFE_WEIGHTS}, {SAFE_INDEX}, {TORCH_WEIGHTS}, "
-                            f"{TORCH_INDEX}); the folder holds {found}")
+    raise FileNotFoundError(
+        f"no weights in {folder} (looked for {SAFE_WEIGHTS}, {SAFE_INDEX}, {TORCH_WEIGHTS}, "
+        f"{TORCH_INDEX}); the folder holds {found}"
+    )
 
 
 def read_tensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
@@ -124,25 +144,31 @@ def read_tensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
                 with safe_open(str(path), framework="pt") as f:
                     part = {k: f.get_tensor(k) for k in f.keys()}
             except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"cannot read {path}: {e}. The file is corrupt or truncated; "
-                                      f"re-download it") from e
+                raise CheckpointError(
+                    f"cannot read {path}: {e}. The file is corrupt or truncated; re-download it"
+                ) from e
         else:
             try:
                 part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
-                raise CheckpointError(f"cannot read {path} as a weights-only torch file ({e}). vlmkit never "
-                                      f"unpickles arbitrary objects; convert it to safetensors") from e
+                raise CheckpointError(
+                    f"cannot read {path} as a weights-only torch file ({e}). vlmkit never "
+                    f"unpickles arbitrary objects; convert it to safetensors"
+                ) from e
             if not isinstance(part, dict):
                 raise CheckpointError(f"{path} does not hold a state dict")
         dup = tensors.keys() & part.keys()
         if dup:
-            raise CheckpointError(f"{path} repeats tensors already read from another shard: {sorted(dup)[:5]}")
+            raise CheckpointError(
+                f"{path} repeats tensors already read from another shard: {sorted(dup)[:5]}"
+            )
         tensors.update(part)
     return tensors
 
 
-def remap_keys(tensors: dict[str, torch.Tensor], key_map: KeyMap,
-               ignore: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+def remap_keys(
+    tensors: dict[str, torch.Tensor], key_map: KeyMap, ignore: Sequence[str] = ()
+) -> dict[str, torch.Tensor]:
     """Rename checkpoint keys to our module names with an ordered prefix table."""
     ignore_re = [re.compile(p) for p in ignore]
     out: dict[str, torch.Tensor] = {}
@@ -152,11 +178,12 @@ def remap_keys(tensors: dict[str, torch.Tensor], key_map: KeyMap,
         new = key
         for src, dst in key_map:
             if key.startswith(src):
-                new = dst + key[len(src):]
+                new = dst + key[len(src) :]
                 break
         if new in out:
-            raise CheckpointError(f"checkpoint holds two tensors for {new!r} (one under {key!r}); "
-                                  f"it mixes two key layouts")
+            raise CheckpointError(
+                f"checkpoint holds two tensors for {new!r} (one under {key!r}); it mixes two key layouts"
+            )
         out[new] = tensor
     return out
 
@@ -178,8 +205,14 @@ def tied_parameters(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
-def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype | None,
-                 device: torch.device | str | None, source: str = "checkpoint") -> None:
+def load_weights(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    source: str = "checkpoint",
+) -> None:
     """Assign `tensors` (already in our key names) to a meta-built `model`. Missing, unexpected and
     wrong-shaped tensors are reported together in one CheckpointError."""
     aliases = tied_parameters(model)
@@ -190,13 +223,18 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], *, dtype: t
         tensors.pop(alias, None)
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
-    wrong = sorted(f"{k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
-                   for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape)
+    wrong = sorted(
+        f"{k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    )
     if missing or unexpected or wrong:
         parts = [f"{source} does not match the model built from its config.json:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
             if items:
-                shown = "\n    ".join(items[:50]) + (f"\n    ... and {len(items) - 50} more" if len(items) > 50 else "")
+                shown = "\n    ".join(items[:50]) + (
+                    f"\n    ... and {len(items) - 50} more" if len(items) > 50 else ""
+                )
                 parts.append(f"  {len(items)} {title}:\n    {shown}")
         parts.append("Check that config.json belongs to these weights (same model size and type).")
         raise CheckpointError("\n".join(parts))
@@ -267,8 +305,9 @@ class SavePretrainedMixin:
         save_checkpoint(self, folder, self.config.to_hf(), max_shard_bytes=max_shard_bytes)  # type: ignore[attr-defined]
 
 
-def save_checkpoint(model: nn.Module, folder: str | os.PathLike, config: dict[str, Any], *,
-                    max_shard_bytes: int = 5 * 2**30) -> None:
+def save_checkpoint(
+    model: nn.Module, folder: str | os.PathLike, config: dict[str, Any], *, max_shard_bytes: int = 5 * 2**30
+) -> None:
     """Write config.json and the weights (one safetensors file, or shards plus an index) atomically.
 
     Tied aliases are left out, as transformers writes them. Keys are our module names, which are the

@@ -11,8 +11,15 @@ from vlmkit.llama import LlamaConfig
 MODEL_TYPES = ("vipllava", "llava")
 
 # What the reference assumes when a config has no `vision_config` at all: CLIP ViT-L/14 at 336 px.
-DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, patch_size=14, image_size=336,
-                      num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+DEFAULT_VISION = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    patch_size=14,
+    image_size=336,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    projection_dim=768,
+)
 DEFAULT_FEATURE_LAYERS = {"vipllava": [-2, -5, -8, -11, 6], "llava": -2}
 ARCHITECTURES = {"vipllava": "VipLlavaForConditionalGeneration", "llava": "LlavaForConditionalGeneration"}
 
@@ -36,8 +43,10 @@ class VipLlavaConfig:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not a LLaVA-family type {list(MODEL_TYPES)}")
         if self.vision_feature_select_strategy not in ("default", "full"):
-            raise ValueError(f"vision_feature_select_strategy must be 'default' or 'full', "
-                             f"got {self.vision_feature_select_strategy!r}")
+            raise ValueError(
+                f"vision_feature_select_strategy must be 'default' or 'full', "
+                f"got {self.vision_feature_select_strategy!r}"
+            )
         if isinstance(self.vision_feature_layer, (list, tuple)):
             if not self.vision_feature_layer:
                 raise ValueError("vision_feature_layer is an empty list")
@@ -45,8 +54,10 @@ class VipLlavaConfig:
         n = self.vision_config.num_hidden_layers + 1
         for i in self.feature_layers:
             if not -n <= i < n:
-                raise ValueError(f"vision_feature_layer {i} is out of range for a vision tower of "
-                                 f"{n - 1} layers (valid: {-n}..{n - 1})")
+                raise ValueError(
+                    f"vision_feature_layer {i} is out of range for a vision tower of "
+                    f"{n - 1} layers (valid: {-n}..{n - 1})"
+                )
         self.text_config.tie_word_embeddings = self.tie_word_embeddings
 
     @property
@@ -76,20 +87,32 @@ class VipLlavaConfig:
         if "vocab_size" not in text and "vocab_size" in d:  # the oldest configs kept it at the top level
             text["vocab_size"] = d["vocab_size"]
         vision = d.get("vision_config")
-        vision_config = (CLIPVisionConfig.from_hf(vision) if vision is not None
-                         else CLIPVisionConfig(**DEFAULT_VISION))
-        layers = d.get("vision_feature_layer", d.get("vision_feature_layers", DEFAULT_FEATURE_LAYERS[model_type]))
+        vision_config = (
+            CLIPVisionConfig.from_hf(vision) if vision is not None else CLIPVisionConfig(**DEFAULT_VISION)
+        )
+        layers = d.get(
+            "vision_feature_layer", d.get("vision_feature_layers", DEFAULT_FEATURE_LAYERS[model_type])
+        )
         text_config = LlamaConfig.from_hf(text)
         tie = bool(d.get("tie_word_embeddings", False))
         if model_type == "llava":  # the reference forwards the text config's flag for llava
             tie = tie or text_config.tie_word_embeddings
         kwargs = dict(
-            model_type=model_type, text_config=text_config, vision_config=vision_config,
-            vision_feature_layer=layers, tie_word_embeddings=tie,
+            model_type=model_type,
+            text_config=text_config,
+            vision_config=vision_config,
+            vision_feature_layer=layers,
+            tie_word_embeddings=tie,
         )
-        for name in ("image_token_index", "projector_hidden_act", "projector_layernorm_eps",
-                     "vision_feature_select_strategy", "multimodal_projector_bias", "image_seq_length",
-                     "pad_token_id"):
+        for name in (
+            "image_token_index",
+            "projector_hidden_act",
+            "projector_layernorm_eps",
+            "vision_feature_select_strategy",
+            "multimodal_projector_bias",
+            "image_seq_length",
+            "pad_token_id",
+        ):
             if d.get(name) is not None:
                 kwargs[name] = d[name]
         if "image_token_id" in d and "image_token_index" not in d:

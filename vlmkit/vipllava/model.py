@@ -37,8 +37,15 @@ KEY_IGNORE = (r"\.position_ids$", r"rotary_emb\.inv_freq$")
 class MultiLayerProjector(nn.Module):
     """[LayerNorm ->] Linear -> act -> Linear, from concatenated vision features to the text width."""
 
-    def __init__(self, in_dim: int, out_dim: int, *, act: str = "gelu", bias: bool = True,
-                 layernorm_eps: float | None = None) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        act: str = "gelu",
+        bias: bool = True,
+        layernorm_eps: float | None = None,
+    ) -> None:
         super().__init__()
         if layernorm_eps is not None:
             self.projector_layernorm = nn.LayerNorm(in_dim, eps=layernorm_eps)
@@ -61,8 +68,10 @@ class VipLlavaModel(SavePretrainedMixin, nn.Module):
         vision, text = config.vision_config, config.text_config
         self.vision_tower = CLIPVisionModel(vision)
         self.multi_modal_projector = MultiLayerProjector(
-            vision.hidden_size * len(config.feature_layers), text.hidden_size,
-            act=config.projector_hidden_act, bias=config.multimodal_projector_bias,
+            vision.hidden_size * len(config.feature_layers),
+            text.hidden_size,
+            act=config.projector_hidden_act,
+            bias=config.multimodal_projector_bias,
             layernorm_eps=config.projector_layernorm_eps if config.has_projector_norm else None,
         )
         self.language_model = LlamaForCausalLM(text)
@@ -78,15 +87,19 @@ class VipLlavaModel(SavePretrainedMixin, nn.Module):
 
     # -- text + images --------------------------------------------------------------------------
 
-    def embed_inputs(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+    def embed_inputs(
+        self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token embeddings (B, T, C) with image features written, in order, at the `<image>` positions."""
         vocab = self.config.text_config.vocab_size
         image_id = self.config.image_token_index
         is_image = input_ids == image_id
         bad = (input_ids < 0) | ((input_ids >= vocab) & ~is_image)
         if bool(bad.any()):
-            raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab}): "
-                             f"{sorted(set(input_ids[bad].tolist()))[:10]}")
+            raise ValueError(
+                f"input_ids hold ids outside the vocabulary [0, {vocab}): "
+                f"{sorted(set(input_ids[bad].tolist()))[:10]}"
+            )
         n_tokens = int(is_image.sum())
         n_features = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
         if n_tokens != n_features:
@@ -100,14 +113,20 @@ class VipLlavaModel(SavePretrainedMixin, nn.Module):
         safe_ids = input_ids.masked_fill(is_image, 0) if image_id >= vocab else input_ids
         embeds = self.language_model.model.embed_tokens(safe_ids)
         if n_tokens:
-            embeds = embeds.masked_scatter(is_image[..., None],
-                                           image_features.to(embeds.device, embeds.dtype))
+            embeds = embeds.masked_scatter(
+                is_image[..., None], image_features.to(embeds.device, embeds.dtype)
+            )
         return embeds
 
     def forward(
-        self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids (B, T) with `<image>` tokens; pixel_values (N, C, H, W), one image per run of tokens.
 
@@ -120,12 +139,13 @@ class VipLlavaModel(SavePretrainedMixin, nn.Module):
             raise ValueError("pass either pixel_values or image_features, not both")
         if pixel_values is not None:
             if pixel_values.dim() != 4:
-                raise ValueError(f"pixel_values must have shape (num_images, channels, height, width); "
-                                 f"got {tuple(pixel_values.shape)}")
+                raise ValueError(
+                    f"pixel_values must have shape (num_images, channels, height, width); "
+                    f"got {tuple(pixel_values.shape)}"
+                )
             image_features = self.get_image_features(pixel_values)
         embeds = self.embed_inputs(input_ids, image_features)
         hidden = self.language_model.model(embeds, attention_mask=attention_mask, position_ids=position_ids)
         logits = self.language_model.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
-

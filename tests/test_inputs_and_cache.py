@@ -1,0 +1,138 @@
+"""Bad input gets a clear error; the preallocated KV cache reproduces a full forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracle import hf_llava_config, hf_llava_model, llava_inputs, tokens_per_image
+
+import vlmkit
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    cfg = hf_llava_config("vipllava", vision_feature_layers=[-1, 2], text=dict(num_key_value_heads=2))
+    folder = tmp_path_factory.mktemp("m")
+    hf_llava_model(cfg).save_pretrained(folder)
+    return cfg, vlmkit.load_model(folder)
+
+
+def test_image_token_count_mismatch_states_both_counts(setup):
+    cfg, model = setup
+    inputs = llava_inputs(cfg, batch=2)
+    p = tokens_per_image(cfg)
+    with pytest.raises(ValueError, match=rf"{2 * p} <image> tokens .* 1 image\(s\) give {p} features"):
+        model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][:1])
+    ids = inputs["input_ids"].clone()
+    ids[0, 2] = 5  # one image token fewer
+    with pytest.raises(ValueError, match=rf"{2 * p - 1} <image> tokens .* give {2 * p} features"):
+        model(input_ids=ids, pixel_values=inputs["pixel_values"])
+
+
+def test_image_tokens_without_pixels(setup):
+    cfg, model = setup
+    inputs = llava_inputs(cfg, batch=1)
+    with pytest.raises(ValueError, match=r"0 image\(s\)"):
+        model(input_ids=inputs["input_ids"])
+
+
+def test_pixels_of_the_wrong_size(setup):
+    cfg, model = setup
+    inputs = llava_inputs(cfg, batch=1)
+    with pytest.raises(
+        ValueError, match=r"pixel_values must have shape \(batch, 3, 30, 30\); got \(1, 3, 32, 32\)"
+    ):
+        model(input_ids=inputs["input_ids"], pixel_values=torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="num_images, channels, height, width"):
+        model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][None])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=torch.zeros(5, dtype=torch.long)), "shape \\(batch, seq_len\\); got \\(5,\\)"),
+        (dict(input_ids=torch.zeros(1, 5)), "integer tensor"),
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty"),
+        (
+            dict(input_ids=torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 4)),
+            "attention_mask shape",
+        ),
+        (
+            dict(input_ids=torch.zeros(1, 5, dtype=torch.long), labels=torch.zeros(2, 5, dtype=torch.long)),
+            "labels shape",
+        ),
+        (dict(input_ids=torch.tensor([[1, 2, 500]])), "outside the vocabulary \\[0, 128\\): \\[500\\]"),
+        (dict(input_ids=torch.tensor([[1, -2]])), "outside the vocabulary"),
+    ],
+)
+def test_bad_text_inputs(setup, kwargs, message):
+    _, model = setup
+    with pytest.raises(ValueError, match=message):
+        model(**kwargs)
+
+
+def test_pixels_and_features_together(setup):
+    cfg, model = setup
+    inputs = llava_inputs(cfg, batch=1)
+    feats = model.get_image_features(inputs["pixel_values"])
+    with pytest.raises(ValueError, match="not both"):
+        model(**inputs, image_features=feats)
+    with torch.no_grad():  # precomputed features give the same logits as pixels
+        a = model(input_ids=inputs["input_ids"], image_features=feats).logits
+        b = model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"]).logits
+    assert torch.equal(a, b)
+
+
+def test_kv_cache_decode_equals_full_forward(setup):
+    """Prefill part of a left-padded batch into the preallocated cache, then feed one token at a time:
+    every step's logits equal the full forward at that position."""
+    cfg, model = setup
+    inputs = llava_inputs(cfg, batch=2, shorter=(0, 3))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    B, T = ids.shape
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    lm = model.language_model
+    with torch.no_grad():
+        embeds = model.embed_inputs(ids, model.get_image_features(inputs["pixel_values"]))
+        full = lm.lm_head(lm.model(embeds, attention_mask=mask, position_ids=position_ids))
+        lm.model.setup_cache(B, T + 4)
+        try:
+            k = T - 5
+            pos = torch.arange(k)
+            step = lm.lm_head(
+                lm.model(
+                    embeds[:, :k], attention_mask=mask[:, :k], position_ids=position_ids[:, :k], input_pos=pos
+                )
+            )
+            got = [step]
+            for t in range(k, T):
+                out = lm.model(
+                    embeds[:, t : t + 1],
+                    attention_mask=mask[:, : t + 1],
+                    position_ids=position_ids[:, t : t + 1],
+                    input_pos=torch.tensor([t]),
+                )
+                got.append(lm.lm_head(out))
+        finally:
+            lm.model.clear_cache()
+    got = torch.cat(got, dim=1)
+    valid = mask.bool()
+    assert (got - full)[valid].abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="input_pos is required"):
+        lm.model.setup_cache(B, T)
+        try:
+            lm.model(embeds)
+        finally:
+            lm.model.clear_cache()
+
+
+def test_left_padding_with_mask_positions_matches_unpadded_row(setup):
+    """With position ids from the mask, a left-padded row gives the logits of the same row alone."""
+    cfg, model = setup
+    inputs = llava_inputs(cfg, batch=2, shorter=(0, 3))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        batch = model(**inputs, position_ids=pos).logits
+        alone = model(input_ids=ids[1:, 3:], pixel_values=inputs["pixel_values"][1:]).logits
+    assert (batch[1, 3:] - alone[0]).abs().max().item() < 1e-5
