@@ -131,3 +131,99 @@ def save_state_dict_layout(hf_model, out: Path, config_folder: Path) -> Path:
     sd = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
+
+
+# -- IDEFICS ----------------------------------------------------------------------------------
+
+IDEFICS_VISION = dict(
+    embed_dim=24,
+    image_size=28,
+    patch_size=7,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=40,
+)
+IDEFICS_TEXT = dict(
+    vocab_size=100,
+    additional_vocab_size=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    cross_layer_interval=2,
+)
+FAKE_TOKEN, IMAGE_TOKEN_IDEFICS = 100, 101  # the two additional-vocabulary ids
+
+
+def hf_idefics_config(*, vision: dict | None = None, perceiver: dict | None = None, **top):
+    from transformers import IdeficsConfig
+
+    kwargs = {**IDEFICS_TEXT, **top}
+    return IdeficsConfig(
+        vision_config={**IDEFICS_VISION, **(vision or {})},
+        perceiver_config={
+            "resampler_n_latents": 3,
+            "resampler_depth": 2,
+            "resampler_n_heads": 2,
+            "resampler_head_dim": 8,
+            **(perceiver or {}),
+        },
+        **kwargs,
+    )
+
+
+def hf_idefics_model(config, seed: int = 0):
+    from transformers import IdeficsForVisionText2Text
+
+    torch.manual_seed(seed)
+    model = IdeficsForVisionText2Text(config)
+    with torch.no_grad():  # alphas away from zero: zero gates hide every cross-attention bug
+        randomize_(model, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        for block in model.model.gated_cross_attn_layers:
+            for alpha in (block.alpha_cross_attn, block.alpha_dense):
+                alpha.copy_(torch.rand(alpha.shape, generator=g) * 1.5 + 0.3)
+    return model.eval()
+
+
+def idefics_inputs(config, rows: list[list], *, seed: int = 0, image_size: int | None = None):
+    """rows: per sample a list of ints (that many random text tokens) and "img" (an image), e.g.
+    [[3, "img", 4, "img", 2], ["img", 5]]. Samples are left-padded to one length; pixel_values are padded
+    with zero images to the batch's largest image count. image_attention_mask: each token attends to the
+    latest image at or before it, as the reference processor builds it."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.vocab_size
+    seqs, masks = [], []
+    n_images = [sum(1 for part in r if part == "img") for r in rows]
+    N = max(n_images)
+    for r in rows:
+        ids, img_mask, current = [1], [[0] * N], -1
+        for part in r:
+            if part == "img":
+                current += 1
+                ids += [FAKE_TOKEN, IMAGE_TOKEN_IDEFICS, FAKE_TOKEN]
+                img_mask += [[int(n == current) for n in range(N)]] * 3
+            else:
+                ids += torch.randint(3, vocab, (part,), generator=g).tolist()
+                img_mask += [[int(n == current) for n in range(N)]] * part
+        seqs.append(ids)
+        masks.append(img_mask)
+    T = max(len(s) for s in seqs)
+    B = len(rows)
+    input_ids = torch.zeros(B, T, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    image_attention_mask = torch.zeros(B, T, N, dtype=torch.long)
+    for b, (ids, m) in enumerate(zip(seqs, masks)):
+        input_ids[b, T - len(ids) :] = torch.tensor(ids)
+        attention_mask[b, T - len(ids) :] = 1
+        image_attention_mask[b, T - len(ids) :] = torch.tensor(m, dtype=torch.long).reshape(len(ids), N)
+    size = image_size or config.vision_config.image_size
+    pixel_values = torch.zeros(B, N, 3, size, size)
+    for b, n in enumerate(n_images):
+        pixel_values[b, :n] = torch.randn(n, 3, size, size, generator=g)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "pixel_values": pixel_values,
+        "image_attention_mask": image_attention_mask,
+    }

@@ -6,11 +6,13 @@ Attribute names follow the checkpoints (`vision_model.embeddings.patch_embedding
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.configs import known_fields, require_positive
@@ -89,14 +91,40 @@ class CLIPVisionEmbeddings(nn.Module):
         )
         self.position_embedding = nn.Embedding(config.num_patches + 1, config.hidden_size)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        B = pixel_values.shape[0]
+    def forward(self, pixel_values: torch.Tensor, *, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        B, _, H, W = pixel_values.shape
         weight = self.patch_embedding.weight
         patches = self.patch_embedding(pixel_values.to(weight.dtype))  # (B, C, h, w)
+        h, w = patches.shape[-2:]
         patches = patches.flatten(2).transpose(1, 2)  # (B, h*w, C)
         cls = self.class_embedding.expand(B, 1, -1).to(patches.dtype)
         x = torch.cat([cls, patches], dim=1)  # (B, 1 + h*w, C)
+        if interpolate_pos_encoding:
+            return x + self.interpolated_positions(H, W, h * w)[None]
         return x + self.position_embedding.weight[None]
+
+    def interpolated_positions(self, height: int, width: int, num_patches: int) -> torch.Tensor:
+        """Position embeddings (1 + h*w, C) for an image of another size: the square grid of learned patch
+        positions resized bicubically (in fp32 for half-precision weights), the class position kept."""
+        table = self.position_embedding.weight  # (1 + n*n, C)
+        grid = int(math.sqrt(table.shape[0] - 1))
+        if num_patches == table.shape[0] - 1 and height == width:
+            return table
+        p = self.config.patch_size
+        # the reference scales by (patches + 0.1) / grid so that flooring gives the intended size
+        h, w = height // p + 0.1, width // p + 0.1
+        dim = table.shape[-1]
+        pos = table[1:].reshape(1, grid, grid, dim).permute(0, 3, 1, 2)  # (1, C, n, n)
+        pos = F.interpolate(
+            pos.float(), scale_factor=(h / grid, w / grid), mode="bicubic", align_corners=False
+        )
+        if tuple(pos.shape[-2:]) != (int(h), int(w)):
+            raise ValueError(
+                f"cannot interpolate {grid}x{grid} position embeddings to a {int(h)}x{int(w)} patch grid "
+                f"(got {tuple(pos.shape[-2:])})"
+            )
+        pos = pos.to(table.dtype).permute(0, 2, 3, 1).reshape(-1, dim)  # (h*w, C)
+        return torch.cat([table[:1], pos], dim=0)
 
 
 class CLIPAttention(nn.Module):
@@ -170,20 +198,23 @@ class CLIPVisionTransformer(nn.Module):
             )
         return index % n
 
-    def forward(self, pixel_values: torch.Tensor, *, layers: Sequence[int] = (-1,)) -> list[torch.Tensor]:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        *,
+        layers: Sequence[int] = (-1,),
+        interpolate_pos_encoding: bool = False,
+    ) -> list[torch.Tensor]:
         """pixel_values (B, C, H, W) -> the hidden states (B, 1 + patches, C) at `layers`, in that order.
 
-        Layers after the deepest requested one are not run.
+        Layers after the deepest requested one are not run. With `interpolate_pos_encoding`, images of
+        another size than the config's are accepted (positions resized bicubically).
         """
-        c = self.config
-        expected = (c.num_channels, c.image_size, c.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values must have shape (batch, {', '.join(map(str, expected))}); "
-                f"got {tuple(pixel_values.shape)}. Preprocess images with the model's processor."
-            )
+        check_pixels(pixel_values, self.config, interpolate_pos_encoding)
         wanted = [self.resolve_layer(i) for i in layers]
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
+        x = self.pre_layrnorm(
+            self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        )
         keep = set(wanted)
         states = {0: x} if 0 in keep else {}
         for i, layer in enumerate(self.encoder.layers[: max(wanted)], start=1):
@@ -205,5 +236,34 @@ class CLIPVisionModel(nn.Module):
         self.config = config
         self.vision_model = CLIPVisionTransformer(config)
 
-    def forward(self, pixel_values: torch.Tensor, *, layers: Sequence[int] = (-1,)) -> list[torch.Tensor]:
-        return self.vision_model(pixel_values, layers=layers)
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        *,
+        layers: Sequence[int] = (-1,),
+        interpolate_pos_encoding: bool = False,
+    ) -> list[torch.Tensor]:
+        return self.vision_model(
+            pixel_values, layers=layers, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+
+
+def check_pixels(
+    pixel_values: torch.Tensor, config: CLIPVisionConfig, interpolate_pos_encoding: bool
+) -> None:
+    c = config
+    expected = (c.num_channels, c.image_size, c.image_size)
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != c.num_channels:
+        raise ValueError(
+            f"pixel_values must have shape (batch, {', '.join(map(str, expected))}); got {tuple(pixel_values.shape)}"
+        )
+    H, W = pixel_values.shape[-2:]
+    if interpolate_pos_encoding:
+        if H < c.patch_size or W < c.patch_size:
+            raise ValueError(f"images of {H}x{W} pixels are smaller than one {c.patch_size}-pixel patch")
+    elif (H, W) != (c.image_size, c.image_size):
+        raise ValueError(
+            f"pixel_values must have shape (batch, {', '.join(map(str, expected))}); got {tuple(pixel_values.shape)}. "
+            f"Preprocess images with the model's processor, or pass interpolate_pos_encoding=True where the "
+            f"model supports it."
+        )

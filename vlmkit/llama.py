@@ -205,21 +205,9 @@ class LlamaModel(nn.Module):
         gives their slots in the cache and `attention_mask` (B, S') covers every key written so far.
         `position_ids` (B, T) default to the token's slot, as in the reference.
         """
-        B, T, _ = inputs_embeds.shape
-        cached = self.layers[0].self_attn.kv_cache is not None if len(self.layers) else False
-        if input_pos is None:
-            if cached:
-                raise ValueError("input_pos is required when a KV cache is set up")
-            input_pos = torch.arange(T, device=inputs_embeds.device)
-        if position_ids is None:
-            position_ids = input_pos[None].expand(B, T)
-        if cached:
-            key_len = self.layers[0].self_attn.kv_cache.max_seq_len
-            mask = causal_mask(attention_mask, input_pos, key_len)
-        elif attention_mask is not None and not bool(attention_mask.all()):
-            mask = causal_mask(attention_mask, input_pos, T)
-        else:
-            mask = None  # plain causal attention: SDPA's is_causal fast path
+        input_pos, position_ids, mask = prepare_positions(
+            self.layers, inputs_embeds, attention_mask, position_ids, input_pos
+        )
         cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
@@ -236,20 +224,59 @@ class LlamaModel(nn.Module):
     ) -> None:
         """Preallocate a KV cache of `max_seq_len` slots in every layer."""
         weight = self.embed_tokens.weight
-        for layer in self.layers:
-            attn = layer.self_attn
-            attn.kv_cache = KVCache(
-                batch_size,
-                max_seq_len,
-                attn.n_kv_heads,
-                attn.head_dim,
-                dtype=dtype or weight.dtype,
-                device=device or weight.device,
-            )
+        setup_kv_cache(
+            self.layers, batch_size, max_seq_len, dtype=dtype or weight.dtype, device=device or weight.device
+        )
 
     def clear_cache(self) -> None:
-        for layer in self.layers:
-            layer.self_attn.kv_cache = None
+        setup_kv_cache(self.layers, 0, 0)
+
+
+def setup_kv_cache(
+    layers: nn.ModuleList,
+    batch_size: int,
+    max_seq_len: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> None:
+    """Give every decoder layer a preallocated KV cache, or remove the caches when max_seq_len is 0."""
+    for layer in layers:
+        attn = layer.self_attn
+        attn.kv_cache = (
+            KVCache(batch_size, max_seq_len, attn.n_kv_heads, attn.head_dim, dtype=dtype, device=device)
+            if max_seq_len
+            else None
+        )
+
+
+def prepare_positions(
+    layers: nn.ModuleList,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    input_pos: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Cache slots (T,), rotary positions (B, T) and the self-attention mask for one decoder call.
+
+    Without a KV cache the T tokens are the whole sequence, and the mask is None when nothing is padded
+    (SDPA's causal fast path). With a cache, `input_pos` is required and the mask spans every slot.
+    """
+    B, T, _ = inputs_embeds.shape
+    cache = layers[0].self_attn.kv_cache if len(layers) else None
+    if input_pos is None:
+        if cache is not None:
+            raise ValueError("input_pos is required when a KV cache is set up")
+        input_pos = torch.arange(T, device=inputs_embeds.device)
+    if position_ids is None:
+        position_ids = input_pos[None].expand(B, T)
+    if cache is not None:
+        mask = causal_mask(attention_mask, input_pos, cache.max_seq_len)
+    elif attention_mask is not None and not bool(attention_mask.all()):
+        mask = causal_mask(attention_mask, input_pos, T)
+    else:
+        mask = None
+    return input_pos, position_ids, mask
 
 
 class LlamaForCausalLM(nn.Module):

@@ -31,10 +31,14 @@ class Family:
 
 
 def families() -> dict[str, Family]:
-    from vlmkit.vipllava import KEY_IGNORE, KEY_MAP, VipLlavaConfig, VipLlavaModel
+    from vlmkit import idefics, vipllava
 
-    llava = Family(VipLlavaConfig, VipLlavaModel, KEY_MAP, KEY_IGNORE)
-    return {"vipllava": llava, "llava": llava}
+    llava = Family(vipllava.VipLlavaConfig, vipllava.VipLlavaModel, vipllava.KEY_MAP, vipllava.KEY_IGNORE)
+    return {
+        "vipllava": llava,
+        "llava": llava,
+        "idefics": Family(idefics.IdeficsConfig, idefics.IdeficsModel, idefics.KEY_MAP, idefics.KEY_IGNORE),
+    }
 
 
 def family_for(config: dict[str, Any], source: str) -> Family:

@@ -199,20 +199,16 @@ def causal_mask(attention_mask: torch.Tensor | None, query_pos: torch.Tensor, ke
     """Boolean mask (B or 1, 1, T, S): key j visible to query t if j <= query_pos[t] and key j is not padding.
 
     attention_mask (B, S') is 1 for real tokens over all keys seen so far (S' <= S; keys past S' are not
-    visible). A query that would see no key at all (a padding row) is allowed to see itself, so that SDPA
-    never returns NaN; those rows are padding and their outputs are never used.
+    visible). A padding query that sees no key at all gets a zero attention output from SDPA (torch >= 2.5),
+    as in the reference.
     """
     keys = torch.arange(key_len, device=query_pos.device)
-    mask = keys[None, :] <= query_pos[:, None]  # (T, S)
-    mask = mask[None, None]  # (1, 1, T, S)
+    mask = (keys[None, :] <= query_pos[:, None])[None, None]  # (1, 1, T, S)
     if attention_mask is not None:
         pad = torch.zeros(attention_mask.shape[0], key_len, dtype=torch.bool, device=query_pos.device)
         n = min(attention_mask.shape[1], key_len)
         pad[:, :n] = attention_mask[:, :n].bool()
         mask = mask & pad[:, None, None, :]
-        self_visible = keys[None, :] == query_pos[:, None]  # (T, S)
-        empty = ~mask.any(dim=-1, keepdim=True)
-        mask = mask | (empty & self_visible[None, None])
     return mask
 
 

@@ -1,0 +1,424 @@
+"""IDEFICS: a CLIP-style vision encoder, an optional perceiver resampler, and gated cross-attention blocks
+placed before every `cross_layer_interval`-th layer of the shared LLaMA decoder.
+
+The image side is split out so that generation can run it once: `encode_images` gives the image states,
+`cross_attention_kv` the keys/values every block attends to, and `forward` accepts either.
+Attribute names follow the checkpoint (`model.embed_tokens.additional_embedding`, `model.gated_cross_attn_layers.{i}
+.alpha_cross_attn`, `model.perceiver_resampler.*`, `lm_head.additional_fc`, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmkit.clip import CLIPVisionTransformer
+from vlmkit.idefics.config import IdeficsConfig
+from vlmkit.idefics.perceiver import PerceiverResampler
+from vlmkit.llama import (
+    LlamaDecoderLayer,
+    causal_lm_loss,
+    check_text_inputs,
+    prepare_positions,
+    setup_kv_cache,
+)
+from vlmkit.modules import CausalLMOutput, RMSNorm, RotaryEmbedding, SwiGLU, attention
+from vlmkit.weights import SavePretrainedMixin
+
+# Published checkpoints and transformers 5 saves use the same names as our modules.
+KEY_MAP: list[tuple[str, str]] = []
+KEY_IGNORE = (r"\.position_ids$", r"rotary_emb\.inv_freq$")
+
+FREEZE_TYPES: dict[str, type[nn.Module]] = {
+    "LayerNorm": nn.LayerNorm,
+    "Linear": nn.Linear,
+    "Embedding": nn.Embedding,
+}
+
+
+class DecoupledEmbedding(nn.Module):
+    """The base token table (`weight`) plus `additional_embedding` rows for ids >= num_embeddings, so the new
+    tokens can train while the base table stays frozen."""
+
+    def __init__(self, num_embeddings: int, num_additional: int, dim: int) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.weight = nn.Parameter(torch.zeros(num_embeddings, dim))
+        if num_additional:
+            self.additional_embedding = nn.Embedding(num_additional, dim)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not hasattr(self, "additional_embedding"):
+            return F.embedding(input_ids, self.weight)
+        extra = input_ids >= self.num_embeddings
+        base = F.embedding(input_ids.masked_fill(extra, 0), self.weight)
+        added = self.additional_embedding((input_ids - self.num_embeddings).clamp(min=0))
+        return torch.where(extra[..., None], added, base)
+
+
+class DecoupledLinear(nn.Module):
+    """LM head over the base vocabulary (`weight`) with `additional_fc` columns appended for the new tokens."""
+
+    def __init__(self, dim: int, vocab_size: int, num_additional: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(vocab_size, dim))
+        if num_additional:
+            self.additional_fc = nn.Linear(dim, num_additional, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.weight)
+        if hasattr(self, "additional_fc"):
+            logits = torch.cat([logits, self.additional_fc(x)], dim=-1)
+        return logits
+
+
+class CrossAttention(nn.Module):
+    """Text queries over image keys/values; optional RMSNorm of q and k over the head dimension."""
+
+    def __init__(self, config: IdeficsConfig) -> None:
+        super().__init__()
+        dim, kv_dim = config.hidden_size, config.vision_config.hidden_size
+        self.n_heads = config.num_attention_heads
+        self.head_dim = dim // self.n_heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(kv_dim, dim, bias=False)
+        self.v_proj = nn.Linear(kv_dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        if config.qk_layer_norms:
+            self.q_layer_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_layer_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def image_kv(self, image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_states (B, S, C_vis) -> keys, values (B, H, S, D); computed once per request."""
+        B, S, _ = image_states.shape
+        k = self.k_proj(image_states).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(image_states).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        if hasattr(self, "k_layer_norm"):
+            k = self.k_layer_norm(k)
+        return k, v
+
+    def forward(
+        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        if hasattr(self, "q_layer_norm"):
+            q = self.q_layer_norm(q)
+        y = attention(q, kv[0], kv[1], mask=mask)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """x + tanh(alpha_cross_attn) * cross_attn(norm(x)), then x + tanh(alpha_dense) * mlp(norm(x)).
+
+    Tokens that come before every image (gate 0) receive no cross-attention output at all; the gated MLP
+    applies to every token, as in the reference.
+    """
+
+    def __init__(self, config: IdeficsConfig) -> None:
+        super().__init__()
+        dim = config.hidden_size
+        self.input_layernorm = RMSNorm(dim, config.rms_norm_eps)
+        self.cross_attn = CrossAttention(config)
+        self.post_attention_layernorm = RMSNorm(dim, config.rms_norm_eps)
+        self.mlp = SwiGLU(dim, config.intermediate_size, act=config.hidden_act)
+        shape = (1, 1, dim) if config.alpha_type == "vector" else (1,)
+        self.alpha_cross_attn = nn.Parameter(torch.zeros(shape))
+        self.alpha_dense = nn.Parameter(torch.zeros(shape))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        kv: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        gate: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if kv is not None:
+            y = self.cross_attn(self.input_layernorm(x), kv, mask)
+            y = y.masked_fill(~gate[..., None], 0.0)
+            x = x + torch.tanh(self.alpha_cross_attn) * y
+        return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class CrossContext:
+    """What the gated blocks attend to: per-block keys/values, the mask (B, 1, T, N*S) and gate (B, T)."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+    gate: torch.Tensor
+
+
+class IdeficsBase(nn.Module):
+    """Everything under the checkpoint prefix `model.`: embeddings, vision encoder, resampler, decoder."""
+
+    def __init__(self, config: IdeficsConfig) -> None:
+        super().__init__()
+        self.config = config
+        text = config.text_config
+        self.embed_tokens = DecoupledEmbedding(
+            config.vocab_size, config.additional_vocab_size, config.hidden_size
+        )
+        self.vision_model = CLIPVisionTransformer(config.vision_config)
+        if config.use_resampler:
+            self.perceiver_resampler = PerceiverResampler(
+                config.vision_config.hidden_size, config.perceiver_config
+            )
+        self.layers = nn.ModuleList(LlamaDecoderLayer(text) for _ in range(config.num_hidden_layers))
+        self.gated_cross_attn_layers = nn.ModuleList(
+            GatedCrossAttentionBlock(config) for _ in range(config.num_cross_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(text.head_dim, text.rope_theta, text.rope_scaling)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        cross: CrossContext | None,
+        input_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        input_pos, position_ids, mask = prepare_positions(
+            self.layers, inputs_embeds, attention_mask, position_ids, input_pos
+        )
+        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        interval = self.config.cross_layer_interval
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            if i % interval == 0:
+                j = i // interval
+                block = self.gated_cross_attn_layers[j]
+                if cross is None:
+                    x = block(x, kv=None, mask=None, gate=None)
+                else:
+                    x = block(x, kv=cross.kv[j], mask=cross.mask, gate=cross.gate)
+            x = layer(x, cos=cos, sin=sin, mask=mask, input_pos=input_pos)
+        return self.norm(x)
+
+
+class IdeficsModel(SavePretrainedMixin, nn.Module):
+    """IDEFICS for generation: `model` (IdeficsBase) and the decoupled `lm_head`."""
+
+    def __init__(self, config: IdeficsConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = IdeficsBase(config)
+        self.lm_head = DecoupledLinear(config.hidden_size, config.vocab_size, config.additional_vocab_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            if config.additional_vocab_size:
+                self.lm_head.additional_fc.weight = self.model.embed_tokens.additional_embedding.weight
+        apply_freeze(self, config)
+
+    # -- images ---------------------------------------------------------------------------------
+
+    def encode_images(
+        self,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_encoder_embeddings: torch.Tensor | None = None,
+        perceiver_embeddings: torch.Tensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+    ) -> torch.Tensor:
+        """Image states (B, N, S, C_vis) the cross-attention attends to, from exactly one of: pixel_values
+        (B, N, C, H, W), vision-encoder outputs (B, N, S, C_vis) or resampler outputs (B, N, L, C_vis).
+
+        Images that no token attends to (zero-padded images, their `image_attention_mask` column all 0) are
+        not encoded; their states are zeros, which the mask hides.
+        """
+        given = [t is not None for t in (pixel_values, image_encoder_embeddings, perceiver_embeddings)]
+        if sum(given) != 1:
+            raise ValueError(
+                "pass exactly one of pixel_values, image_encoder_embeddings or perceiver_embeddings"
+            )
+        dtype = self.model.embed_tokens.weight.dtype
+        if perceiver_embeddings is not None:
+            if not self.config.use_resampler:
+                raise ValueError(
+                    "perceiver_embeddings were given but this model has no resampler (use_resampler=False)"
+                )
+            check_image_tensor("perceiver_embeddings", perceiver_embeddings, 4)
+            return perceiver_embeddings.to(dtype)
+        if pixel_values is not None:
+            check_image_tensor("pixel_values", pixel_values, 5)
+            B, N = pixel_values.shape[:2]
+            flat = pixel_values.reshape(B * N, *pixel_values.shape[2:])  # (B*N, C, H, W)
+            used = self._used_images(image_attention_mask, B, N)
+            states = self.model.vision_model(
+                flat[used], layers=(-1,), interpolate_pos_encoding=interpolate_pos_encoding
+            )[0]
+            states = scatter_rows(states, used)
+        else:
+            check_image_tensor("image_encoder_embeddings", image_encoder_embeddings, 4)
+            B, N = image_encoder_embeddings.shape[:2]
+            states = image_encoder_embeddings.reshape(B * N, *image_encoder_embeddings.shape[2:]).to(dtype)
+            used = self._used_images(image_attention_mask, B, N)
+        if self.config.use_resampler:
+            states = scatter_rows(self.model.perceiver_resampler(states[used]), used)
+        return states.reshape(B, N, *states.shape[1:])
+
+    @staticmethod
+    def _used_images(image_attention_mask: torch.Tensor | None, B: int, N: int) -> torch.Tensor:
+        if image_attention_mask is None or tuple(image_attention_mask.shape[::2]) != (B, N):
+            return torch.ones(B * N, dtype=torch.bool)
+        return image_attention_mask.bool().any(dim=1).reshape(B * N).cpu()
+
+    def cross_attention_kv(self, image_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys/values (B, H, N*S, D) of every gated block over image states (B, N, S, C_vis)."""
+        B, N, S, C = image_states.shape
+        flat = image_states.reshape(B, N * S, C)
+        return [block.cross_attn.image_kv(flat) for block in self.model.gated_cross_attn_layers]
+
+    def cross_context(
+        self,
+        image_states: torch.Tensor | None,
+        image_attention_mask: torch.Tensor | None,
+        kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> CrossContext | None:
+        """The mask and gate for image_attention_mask (B, T, N): token t sees image n's S states where the
+        mask is 1; a row of zeros (text before any image) is gated off entirely."""
+        if image_states is None:
+            return None
+        S = image_states.shape[2]
+        seen = image_attention_mask.bool()  # (B, T, N)
+        gate = seen.any(dim=-1)  # (B, T)
+        mask = seen.repeat_interleave(S, dim=-1)  # (B, T, N*S)
+        mask = (mask | ~gate[..., None])[:, None]  # gated rows attend anywhere (never NaN); output is dropped
+        return CrossContext(kv=kv or self.cross_attention_kv(image_states), mask=mask, gate=gate)
+
+    # -- text + images --------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_encoder_embeddings: torch.Tensor | None = None,
+        perceiver_embeddings: torch.Tensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        image_states: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
+        """input_ids (B, T); images as pixel_values (B, N, C, H, W) or precomputed embeddings (see
+        `encode_images`, whose result may also be passed as `image_states`); image_attention_mask (B, T, N)
+        marks the images each token attends to. Without images the call is text-only.
+
+        Position ids default as in the reference: from the attention mask when given (padding at 1), else 0..T-1.
+        """
+        check_text_inputs(input_ids, attention_mask, labels)
+        B, T = input_ids.shape
+        total = self.config.total_vocab_size
+        if bool(((input_ids < 0) | (input_ids >= total)).any()):
+            bad = input_ids[(input_ids < 0) | (input_ids >= total)]
+            raise ValueError(
+                f"input_ids hold ids outside the vocabulary [0, {total}): {sorted(set(bad.tolist()))[:10]}"
+            )
+        images = [pixel_values, image_encoder_embeddings, perceiver_embeddings, image_states]
+        n_given = sum(t is not None for t in images)
+        if n_given > 1:
+            raise ValueError(
+                "pass only one of pixel_values, image_encoder_embeddings, perceiver_embeddings or image_states"
+            )
+        if n_given:
+            check_image_mask(image_attention_mask, next(t for t in images if t is not None), B, T)
+            if image_states is None:
+                image_states = self.encode_images(
+                    pixel_values=pixel_values,
+                    image_encoder_embeddings=image_encoder_embeddings,
+                    perceiver_embeddings=perceiver_embeddings,
+                    image_attention_mask=image_attention_mask,
+                    interpolate_pos_encoding=interpolate_pos_encoding,
+                )
+        elif image_attention_mask is not None and bool(image_attention_mask.any()):
+            raise ValueError("image_attention_mask marks images but no images were given")
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        embeds = self.model.embed_tokens(input_ids)
+        cross = self.cross_context(image_states, image_attention_mask)
+        hidden = self.model(embeds, attention_mask=attention_mask, position_ids=position_ids, cross=cross)
+        logits = self.lm_head(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
+        w = self.model.embed_tokens.weight
+        setup_kv_cache(self.model.layers, batch_size, max_seq_len, dtype=w.dtype, device=w.device)
+
+    def clear_cache(self) -> None:
+        setup_kv_cache(self.model.layers, 0, 0)
+
+
+def scatter_rows(values: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """Put `values` (n_used, ...) at the rows where `used` (n,) is True; zeros elsewhere."""
+    if bool(used.all()):
+        return values
+    out = values.new_zeros(used.shape[0], *values.shape[1:])
+    out[used.to(values.device)] = values
+    return out
+
+
+def check_image_tensor(name: str, t: torch.Tensor, dims: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != dims:
+        layout = (
+            "(batch, num_images, channels, height, width)" if dims == 5 else "(batch, num_images, seq, dim)"
+        )
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must have shape {layout}; got {shape}")
+
+
+def check_image_mask(image_attention_mask: torch.Tensor | None, images: torch.Tensor, B: int, T: int) -> None:
+    if image_attention_mask is None:
+        raise ValueError(
+            "image_attention_mask (batch, seq_len, num_images) is required with images: it says which images "
+            "each token attends to. Build inputs with the IDEFICS processor."
+        )
+    if image_attention_mask.dim() != 3:
+        raise ValueError(
+            f"image_attention_mask must have shape (batch, seq_len, num_images); "
+            f"got {tuple(image_attention_mask.shape)}"
+        )
+    mb, mt, mn = image_attention_mask.shape
+    if images.shape[0] != B:
+        raise ValueError(
+            f"images are given for batch size {images.shape[0]} but input_ids have batch size {B}"
+        )
+    if mb != B:
+        raise ValueError(f"image_attention_mask has batch size {mb} but input_ids have batch size {B}")
+    if mt != T:
+        raise ValueError(f"image_attention_mask covers {mt} tokens but input_ids have {T} tokens")
+    if mn != images.shape[1]:
+        raise ValueError(
+            f"image_attention_mask refers to {mn} images per sample but {images.shape[1]} "
+            f"images per sample were given"
+        )
+
+
+def freeze_modules(module: nn.Module, exceptions: list[str]) -> None:
+    """Freeze every parameter under `module` except those of modules of the named types."""
+    keep = tuple(FREEZE_TYPES[name] for name in exceptions)
+    for m in module.modules():
+        m.requires_grad_(bool(keep) and isinstance(m, keep))
+
+
+def apply_freeze(model: IdeficsModel, config: IdeficsConfig) -> None:
+    """requires_grad as the reference sets it: the base embedding rows follow freeze_text_layers, the base
+    LM head rows freeze_lm_head; the extra rows, the resampler and the cross-attention blocks always train."""
+    base = model.model
+    if config.freeze_text_layers:
+        base.embed_tokens.weight.requires_grad_(False)
+        for part in (base.layers, base.norm):
+            freeze_modules(part, config.freeze_text_module_exceptions)
+    if config.freeze_lm_head and not config.tie_word_embeddings:  # a tied head follows the embedding
+        model.lm_head.weight.requires_grad_(False)
+    if config.freeze_vision_layers:
+        freeze_modules(base.vision_model, config.freeze_vision_module_exceptions)
