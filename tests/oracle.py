@@ -213,7 +213,7 @@ def idefics_inputs(config, rows: list[list], *, seed: int = 0, image_size: int |
     input_ids = torch.zeros(B, T, dtype=torch.long)
     attention_mask = torch.zeros(B, T, dtype=torch.long)
     image_attention_mask = torch.zeros(B, T, N, dtype=torch.long)
-    for b, (ids, m) in enumerate(zip(seqs, masks)):
+    for b, (ids, m) in enumerate(zip(seqs, masks, strict=True)):
         input_ids[b, T - len(ids) :] = torch.tensor(ids)
         attention_mask[b, T - len(ids) :] = 1
         image_attention_mask[b, T - len(ids) :] = torch.tensor(m, dtype=torch.long).reshape(len(ids), N)
