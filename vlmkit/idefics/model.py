@@ -330,7 +330,10 @@ class IdeficsModel(SavePretrainedMixin, nn.Module):
                 "pass only one of pixel_values, image_encoder_embeddings, perceiver_embeddings or image_states"
             )
         if n_given:
-            check_image_mask(image_attention_mask, next(t for t in images if t is not None), B, T)
+            names = ("pixel_values", "image_encoder_embeddings", "perceiver_embeddings", "image_states")
+            name, given = next((n, t) for n, t in zip(names, images, strict=True) if t is not None)
+            check_image_tensor(name, given, 5 if name == "pixel_values" else 4)
+            check_image_mask(image_attention_mask, given, B, T)
             if image_states is None:
                 image_states = self.encode_images(
                     pixel_values=pixel_values,
