@@ -25,8 +25,8 @@ demo: $(BIN)/.installed
 	TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/python examples/parity.py
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check vlmkit tests examples
-	$(BIN)/ruff format --check vlmkit tests examples
+	$(BIN)/ruff check vlmkit tests examples benchmarks
+	$(BIN)/ruff format --check vlmkit tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info
