@@ -240,9 +240,17 @@ CORPUS = [
 ] * 10
 
 
-def build_tokenizer(folder: Path, *, style: str = "metaspace", extra_special: tuple[str, ...] = ("<image>",),
-                    additional_special_tokens: tuple[str, ...] = (), padding_side: str = "left",
-                    pad_token: str | None = "<pad>", published_layout: bool = False, vocab_size: int = 400) -> Path:
+def build_tokenizer(
+    folder: Path,
+    *,
+    style: str = "metaspace",
+    extra_special: tuple[str, ...] = ("<image>",),
+    additional_special_tokens: tuple[str, ...] = (),
+    padding_side: str = "left",
+    pad_token: str | None = "<pad>",
+    published_layout: bool = False,
+    vocab_size: int = 400,
+) -> Path:
     """Train a small BPE with the `tokenizers` library and save it the way real checkpoints hold it:
     `metaspace` is LLaMA's SentencePiece-style BPE with byte fallback, `bytelevel` GPT-2 style. BOS comes from
     the post-processor. published_layout also writes special_tokens_map.json."""
@@ -253,15 +261,24 @@ def build_tokenizer(folder: Path, *, style: str = "metaspace", extra_special: tu
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     if style == "metaspace":
         tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-        tk.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False),
-                                        decoders.ByteFallback(), decoders.Fuse()])
+        tk.decoder = decoders.Sequence(
+            [
+                decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+            ]
+        )
         alphabet: list[str] = []
     else:
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tk.decoder = decoders.ByteLevel()
         alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
     tk.train_from_iterator(CORPUS, trainer)
     if style == "metaspace":  # byte-fallback pieces are ordinary vocabulary entries, as in LLaMA
         model = json.loads(tk.to_str())["model"]
@@ -269,19 +286,28 @@ def build_tokenizer(folder: Path, *, style: str = "metaspace", extra_special: tu
         for i in range(256):
             vocab.setdefault(f"<0x{i:02X}>", len(vocab))
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-        tk.model = models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+        tk.model = models.BPE(
+            vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True
+        )
     specials = [*extra_special, *additional_special_tokens] + ([pad_token] if pad_token else [])
     tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in dict.fromkeys(specials)])
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                      special_tokens=[("<s>", tk.token_to_id("<s>"))])
+    tk.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tk.token_to_id("<s>"))]
+    )
     tk.save(str(folder / "tokenizer.json"))
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
     if pad_token:
         special["pad_token"] = pad_token
     if additional_special_tokens:
         special["additional_special_tokens"] = list(additional_special_tokens)
-    config = {"tokenizer_class": "LlamaTokenizer", "padding_side": padding_side, "model_max_length": 4096,
-              "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "padding_side": padding_side,
+        "model_max_length": 4096,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+    }
     if published_layout:
         (folder / "special_tokens_map.json").write_text(json.dumps(special))
     else:

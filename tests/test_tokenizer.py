@@ -26,8 +26,11 @@ TEXTS = [
 def pair(request, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    folder = build_tokenizer(tmp_path_factory.mktemp(request.param), style=request.param,
-                             published_layout=request.param == "bytelevel")
+    folder = build_tokenizer(
+        tmp_path_factory.mktemp(request.param),
+        style=request.param,
+        published_layout=request.param == "bytelevel",
+    )
     return Tokenizer.from_folder(folder), AutoTokenizer.from_pretrained(folder), folder
 
 
@@ -35,7 +38,10 @@ def test_ids_match(pair):
     ours, ref, _ = pair
     for text in TEXTS:
         for special in (True, False):
-            assert ours.encode(text, add_special_tokens=special) == ref(text, add_special_tokens=special)["input_ids"]
+            assert (
+                ours.encode(text, add_special_tokens=special)
+                == ref(text, add_special_tokens=special)["input_ids"]
+            )
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -43,8 +49,11 @@ def test_padding_and_truncation_match(pair, side):
     ours, ref, _ = pair
     ours.padding_side = ref.padding_side = side
     ours.truncation_side = ref.truncation_side = side
-    for kwargs in (dict(padding=True), dict(padding="max_length", max_length=40),
-                   dict(padding=True, truncation=True, max_length=6)):
+    for kwargs in (
+        dict(padding=True),
+        dict(padding="max_length", max_length=40),
+        dict(padding=True, truncation=True, max_length=6),
+    ):
         got = ours(TEXTS, **kwargs)
         want = ref(TEXTS, return_tensors="pt", **kwargs)
         assert torch.equal(got["input_ids"], want["input_ids"]), kwargs
@@ -59,7 +68,9 @@ def test_decode_matches(pair):
         for skip in (True, False):
             assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
     batch = ours(TEXTS[:3], padding=True)["input_ids"]
-    assert ours.batch_decode(batch, skip_special_tokens=True) == ref.batch_decode(batch, skip_special_tokens=True)
+    assert ours.batch_decode(batch, skip_special_tokens=True) == ref.batch_decode(
+        batch, skip_special_tokens=True
+    )
 
 
 def test_chat_template_matches(pair):
@@ -70,10 +81,15 @@ def test_chat_template_matches(pair):
         "{% else %}{{ raise_exception('unknown role ' + m['role']) }}{% endif %}\n{% endfor %}"
         "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
     )
-    messages = [{"role": "user", "content": "hi ✓"}, {"role": "assistant", "content": "hello"},
-                {"role": "user", "content": "more"}]
+    messages = [
+        {"role": "user", "content": "hi ✓"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "more"},
+    ]
     for gen in (True, False):
-        want = ref.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=gen)
+        want = ref.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=gen
+        )
         assert ours.render_chat(messages, chat_template=template, add_generation_prompt=gen) == want
     with pytest.raises(ChatTemplateError, match="unknown role tool"):
         ours.render_chat([{"role": "tool", "content": "x"}], chat_template=template)
@@ -116,7 +132,13 @@ def test_no_pad_token(tmp_path):
 def test_config_special_token_forms(tmp_path):
     folder = build_tokenizer(tmp_path)
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    config["eos_token"] = {"content": "</s>", "lstrip": False, "normalized": False, "rstrip": False, "special": True}
+    config["eos_token"] = {
+        "content": "</s>",
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "special": True,
+    }
     config["chat_template"] = [{"name": "default", "template": "T"}, {"name": "tool_use", "template": "U"}]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     tok = Tokenizer.from_folder(folder)

@@ -15,6 +15,7 @@ from vlmkit.weights import (
     load_weights,
     parse_dtype,
     read_config,
+    read_config_file,
     read_tensors,
     remap_keys,
     resolve_checkpoint,
@@ -27,17 +28,24 @@ class Family:
     config_cls: type
     model_cls: type[nn.Module]
     key_map: KeyMap
-    ignore: tuple[str, ...] = ()
+    ignore: tuple[str, ...]
+    processor_cls: type
 
 
 def families() -> dict[str, Family]:
     from vlmkit import idefics, vipllava
+    from vlmkit.idefics.processor import IdeficsProcessor
+    from vlmkit.vipllava.processor import LlavaProcessor
 
-    llava = Family(vipllava.VipLlavaConfig, vipllava.VipLlavaModel, vipllava.KEY_MAP, vipllava.KEY_IGNORE)
+    llava = Family(
+        vipllava.VipLlavaConfig, vipllava.VipLlavaModel, vipllava.KEY_MAP, vipllava.KEY_IGNORE, LlavaProcessor
+    )
     return {
         "vipllava": llava,
         "llava": llava,
-        "idefics": Family(idefics.IdeficsConfig, idefics.IdeficsModel, idefics.KEY_MAP, idefics.KEY_IGNORE),
+        "idefics": Family(
+            idefics.IdeficsConfig, idefics.IdeficsModel, idefics.KEY_MAP, idefics.KEY_IGNORE, IdeficsProcessor
+        ),
     }
 
 
@@ -73,3 +81,26 @@ def load_model(
         model = family.model_cls(config)
     load_weights(model, tensors, dtype=dtype, device=device, source=str(folder))
     return model.eval()
+
+
+PROCESSOR_CLASSES = {"LlavaProcessor": "llava", "IdeficsProcessor": "idefics"}
+
+
+def load_processor(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Any:
+    """The processor (tokenizer, image preprocessing, prompt building, chat template) of a checkpoint, in the
+    published layout or the one transformers 5 writes. The family comes from config.json's model_type or,
+    without a config.json, from the processor class named in the processor files."""
+    folder = resolve_checkpoint(path_or_repo_id, revision=revision)
+    if (folder / "config.json").is_file():
+        family = family_for(read_config(folder), str(folder / "config.json"))
+        return family.processor_cls.from_folder(folder)
+    named = None
+    for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            named = named or read_config_file(folder / name).get("processor_class")
+    if named not in PROCESSOR_CLASSES:
+        raise ValueError(
+            f"{folder}: cannot tell which processor to build (no config.json, processor_class {named!r}); "
+            f"supported: {sorted(PROCESSOR_CLASSES)}"
+        )
+    return families()[PROCESSOR_CLASSES[named]].processor_cls.from_folder(folder)
