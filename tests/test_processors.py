@@ -196,6 +196,27 @@ def test_builtin_vip_llava_template(llava, tmp_path):
     assert prompt.startswith("A chat between a curious human")
 
 
+def test_builtin_llava_template(llava, tmp_path):
+    folder = tmp_path / "nochat-llava"
+    shutil.copytree(llava[2], folder)
+    (folder / "chat_template.json").unlink()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    ours = vlmkit.load_processor(folder)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "Sure?"},
+    ]
+    assert (
+        ours.apply_chat_template(messages)
+        == "USER: <image>\nWhat? ASSISTANT: A cat.</s>USER: Sure? ASSISTANT:"
+    )
+    ids = ours.tokenizer("USER: hi")["input_ids"][0]
+    assert ours.decode(ids, skip_special_tokens=True) == "USER: hi"
+    assert ours.batch_decode(ids[None]) == [ours.tokenizer.decode(ids)]
+    assert ours.batch_decode(ids[None])[0].startswith("<s>")
+
+
 # -- IDEFICS -------------------------------------------------------------------------------------
 
 
