@@ -137,23 +137,15 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        input_pos: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: DecoderContext) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S_max, D)
-        y = attention(q, k, v, mask=mask, is_causal=True)  # (B, H, T, D)
+            k, v = self.kv_cache.update(ctx.input_pos, k, v, ctx.key_len)  # (B, Hkv, S, D)
+        y = attention(q, k, v, mask=ctx.mask, is_causal=True)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -167,16 +159,8 @@ class LlamaDecoderLayer(nn.Module):
             config.hidden_size, config.intermediate_size, act=config.hidden_act, bias=config.mlp_bias
         )
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | None,
-        input_pos: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos=cos, sin=sin, mask=mask, input_pos=input_pos)
+    def forward(self, x: torch.Tensor, ctx: DecoderContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -198,20 +182,21 @@ class LlamaModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
+        key_len: int | None = None,
     ) -> torch.Tensor:
         """inputs_embeds (B, T, C) -> final hidden states (B, T, C).
 
         Without a KV cache, the T tokens are the whole sequence. With one (`setup_cache`), `input_pos` (T,)
-        gives their slots in the cache and `attention_mask` (B, S') covers every key written so far.
+        gives their slots in the cache, `attention_mask` (B, S') covers every key written so far and
+        `key_len` (default: the whole cache) how many slots attention reads.
         `position_ids` (B, T) default to the token's slot, as in the reference.
         """
-        input_pos, position_ids, mask = prepare_positions(
-            self.layers, inputs_embeds, attention_mask, position_ids, input_pos
+        ctx = decoder_context(
+            self.layers, self.rotary_emb, inputs_embeds, attention_mask, position_ids, input_pos, key_len
         )
-        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos=cos, sin=sin, mask=mask, input_pos=input_pos)
+            x = layer(x, ctx)
         return self.norm(x)
 
     def setup_cache(
@@ -250,17 +235,30 @@ def setup_kv_cache(
         )
 
 
-def prepare_positions(
+@dataclass
+class DecoderContext:
+    """What every decoder layer of one call shares: rotary tables, the self-attention mask, cache slots."""
+
+    cos: torch.Tensor  # (B, T, D)
+    sin: torch.Tensor
+    mask: torch.Tensor | None  # (B or 1, 1, T, S) bool; None: plain causal attention
+    input_pos: torch.Tensor  # (T,) cache slots of the T tokens
+    key_len: int | None  # cache slots attention reads (None: all)
+
+
+def decoder_context(
     layers: nn.ModuleList,
+    rotary: RotaryEmbedding,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
     input_pos: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Cache slots (T,), rotary positions (B, T) and the self-attention mask for one decoder call.
+    key_len: int | None = None,
+) -> DecoderContext:
+    """Cache slots, rotary tables and the mask for one decoder call.
 
     Without a KV cache the T tokens are the whole sequence, and the mask is None when nothing is padded
-    (SDPA's causal fast path). With a cache, `input_pos` is required and the mask spans every slot.
+    (SDPA's causal fast path). With a cache, `input_pos` is required and the mask spans `key_len` slots.
     """
     B, T, _ = inputs_embeds.shape
     cache = layers[0].self_attn.kv_cache if len(layers) else None
@@ -271,12 +269,14 @@ def prepare_positions(
     if position_ids is None:
         position_ids = input_pos[None].expand(B, T)
     if cache is not None:
-        mask = causal_mask(attention_mask, input_pos, cache.max_seq_len)
+        key_len = key_len or cache.max_seq_len
+        mask = causal_mask(attention_mask, input_pos, key_len)
     elif attention_mask is not None and not bool(attention_mask.all()):
         mask = causal_mask(attention_mask, input_pos, T)
     else:
         mask = None
-    return input_pos, position_ids, mask
+    cos, sin = rotary(position_ids, inputs_embeds.dtype)
+    return DecoderContext(cos=cos, sin=sin, mask=mask, input_pos=input_pos, key_len=key_len)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -166,17 +166,20 @@ class KVCache(nn.Module):
         return self.k.shape[2]
 
     def update(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_len: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) at positions input_pos (T,); return the whole cache."""
+        """Write k, v (B, Hkv, T, D) at positions input_pos (T,); return the first `key_len` slots (all
+        slots when None)."""
         self.k.index_copy_(2, input_pos, k)
         self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+        if key_len is None:
+            return self.k, self.v
+        return self.k[:, :, :key_len], self.v[:, :, :key_len]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search)."""
-        self.k.copy_(self.k.index_select(0, index))
-        self.v.copy_(self.v.index_select(0, index))
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep (and repeat) batch rows `index`: beam reordering, or expansion to several sequences."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
 
 
 def attention(

@@ -16,13 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.clip import CLIPVisionTransformer
+from vlmkit.generation import DecoderSession, GenerationConfig, GenerationMixin
 from vlmkit.idefics.config import IdeficsConfig
 from vlmkit.idefics.perceiver import PerceiverResampler
 from vlmkit.llama import (
     LlamaDecoderLayer,
     causal_lm_loss,
     check_text_inputs,
-    prepare_positions,
+    decoder_context,
     setup_kv_cache,
 )
 from vlmkit.modules import CausalLMOutput, RMSNorm, RotaryEmbedding, SwiGLU, attention
@@ -183,11 +184,11 @@ class IdeficsBase(nn.Module):
         position_ids: torch.Tensor,
         cross: CrossContext | None,
         input_pos: torch.Tensor | None = None,
+        key_len: int | None = None,
     ) -> torch.Tensor:
-        input_pos, position_ids, mask = prepare_positions(
-            self.layers, inputs_embeds, attention_mask, position_ids, input_pos
+        ctx = decoder_context(
+            self.layers, self.rotary_emb, inputs_embeds, attention_mask, position_ids, input_pos, key_len
         )
-        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
         interval = self.config.cross_layer_interval
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
@@ -198,12 +199,21 @@ class IdeficsBase(nn.Module):
                     x = block(x, kv=None, mask=None, gate=None)
                 else:
                     x = block(x, kv=cross.kv[j], mask=cross.mask, gate=cross.gate)
-            x = layer(x, cos=cos, sin=sin, mask=mask, input_pos=input_pos)
+            x = layer(x, ctx)
         return self.norm(x)
 
 
-class IdeficsModel(SavePretrainedMixin, nn.Module):
+class IdeficsModel(GenerationMixin, SavePretrainedMixin, nn.Module):
     """IDEFICS for generation: `model` (IdeficsBase) and the decoupled `lm_head`."""
+
+    generation_inputs = (
+        "pixel_values",
+        "image_encoder_embeddings",
+        "perceiver_embeddings",
+        "image_attention_mask",
+        "interpolate_pos_encoding",
+        "image_states",
+    )
 
     def __init__(self, config: IdeficsConfig) -> None:
         super().__init__()
@@ -316,34 +326,20 @@ class IdeficsModel(SavePretrainedMixin, nn.Module):
         Position ids default as in the reference: from the attention mask when given (padding at 1), else 0..T-1.
         """
         check_text_inputs(input_ids, attention_mask, labels)
-        B, T = input_ids.shape
-        total = self.config.total_vocab_size
-        if bool(((input_ids < 0) | (input_ids >= total)).any()):
-            bad = input_ids[(input_ids < 0) | (input_ids >= total)]
-            raise ValueError(
-                f"input_ids hold ids outside the vocabulary [0, {total}): {sorted(set(bad.tolist()))[:10]}"
+        images = dict(
+            pixel_values=pixel_values,
+            image_encoder_embeddings=image_encoder_embeddings,
+            perceiver_embeddings=perceiver_embeddings,
+        )
+        self.check_inputs(
+            input_ids, image_attention_mask=image_attention_mask, image_states=image_states, **images
+        )
+        if image_states is None and any(t is not None for t in images.values()):
+            image_states = self.encode_images(
+                **images,
+                image_attention_mask=image_attention_mask,
+                interpolate_pos_encoding=interpolate_pos_encoding,
             )
-        images = [pixel_values, image_encoder_embeddings, perceiver_embeddings, image_states]
-        n_given = sum(t is not None for t in images)
-        if n_given > 1:
-            raise ValueError(
-                "pass only one of pixel_values, image_encoder_embeddings, perceiver_embeddings or image_states"
-            )
-        if n_given:
-            names = ("pixel_values", "image_encoder_embeddings", "perceiver_embeddings", "image_states")
-            name, given = next((n, t) for n, t in zip(names, images, strict=True) if t is not None)
-            check_image_tensor(name, given, 5 if name == "pixel_values" else 4)
-            check_image_mask(image_attention_mask, given, B, T)
-            if image_states is None:
-                image_states = self.encode_images(
-                    pixel_values=pixel_values,
-                    image_encoder_embeddings=image_encoder_embeddings,
-                    perceiver_embeddings=perceiver_embeddings,
-                    image_attention_mask=image_attention_mask,
-                    interpolate_pos_encoding=interpolate_pos_encoding,
-                )
-        elif image_attention_mask is not None and bool(image_attention_mask.any()):
-            raise ValueError("image_attention_mask marks images but no images were given")
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         embeds = self.model.embed_tokens(input_ids)
@@ -352,6 +348,73 @@ class IdeficsModel(SavePretrainedMixin, nn.Module):
         logits = self.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        image_encoder_embeddings: torch.Tensor | None = None,
+        perceiver_embeddings: torch.Tensor | None = None,
+        image_states: torch.Tensor | None = None,
+        image_attention_mask: torch.Tensor | None = None,
+    ) -> None:
+        """Every input error, raised before any work: ids outside the vocabulary, several image inputs, image
+        tensors of the wrong rank, an image mask that does not fit the ids or the images."""
+        B, T = input_ids.shape
+        total = self.config.total_vocab_size
+        outside = (input_ids < 0) | (input_ids >= total)
+        if bool(outside.any()):
+            raise ValueError(
+                f"input_ids hold ids outside the vocabulary [0, {total}): {sorted(set(input_ids[outside].tolist()))[:10]}"
+            )
+        given = {
+            name: t
+            for name, t in (
+                ("pixel_values", pixel_values),
+                ("image_encoder_embeddings", image_encoder_embeddings),
+                ("perceiver_embeddings", perceiver_embeddings),
+                ("image_states", image_states),
+            )
+            if t is not None
+        }
+        if len(given) > 1:
+            raise ValueError(
+                "pass only one of pixel_values, image_encoder_embeddings, perceiver_embeddings or image_states"
+            )
+        if given:
+            name, tensor = next(iter(given.items()))
+            check_image_tensor(name, tensor, 5 if name == "pixel_values" else 4)
+            check_image_mask(image_attention_mask, tensor, B, T)
+            if name == "perceiver_embeddings" and not self.config.use_resampler:
+                raise ValueError(
+                    "perceiver_embeddings were given but this model has no resampler (use_resampler=False)"
+                )
+        elif image_attention_mask is not None and bool(image_attention_mask.any()):
+            raise ValueError("image_attention_mask marks images but no images were given")
+
+    def start_session(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None,
+        config: GenerationConfig,
+        image_attention_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        **images: torch.Tensor | None,
+    ) -> IdeficsSession:
+        """Validate the inputs now (before any work) and return a session that runs the prompt once."""
+        check_text_inputs(input_ids, attention_mask, None)
+        self.check_inputs(input_ids, image_attention_mask=image_attention_mask, **images)
+        return IdeficsSession(
+            self,
+            input_ids,
+            attention_mask,
+            image_attention_mask,
+            images,
+            interpolate_pos_encoding,
+            config.max_new_tokens,
+        )
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         w = self.model.embed_tokens.weight
@@ -425,3 +488,71 @@ def apply_freeze(model: IdeficsModel, config: IdeficsConfig) -> None:
         model.lm_head.weight.requires_grad_(False)
     if config.freeze_vision_layers:
         freeze_modules(base.vision_model, config.freeze_vision_module_exceptions)
+
+
+class IdeficsSession(DecoderSession):
+    """The image states, their cross-attention keys/values and the gating are computed once, at prefill;
+    every decode step reuses them. New tokens attend to the images the last prompt token attends to, as
+    the reference's generate does."""
+
+    def __init__(
+        self,
+        model: IdeficsModel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_attention_mask: torch.Tensor | None,
+        images: dict[str, torch.Tensor | None],
+        interpolate_pos_encoding: bool,
+        max_new_tokens: int,
+    ) -> None:
+        super().__init__(model.model.layers, input_ids, attention_mask, max_new_tokens)
+        self.model = model
+        self.image_attention_mask = image_attention_mask
+        self.images = {k: v for k, v in images.items() if v is not None}
+        self.interpolate = interpolate_pos_encoding
+
+    def prefill(self) -> torch.Tensor:
+        model, iam = self.model, self.image_attention_mask
+        states = self.images.pop("image_states", None)
+        if states is None and self.images:
+            states = model.encode_images(
+                **self.images, image_attention_mask=iam, interpolate_pos_encoding=self.interpolate
+            )
+        self.images = {}
+        cross = model.cross_context(states, iam)
+        B, T = self.input_ids.shape
+        model.setup_cache(B, self.mask.shape[1])
+        embeds = model.model.embed_tokens(self.input_ids)
+        hidden = model.model(
+            embeds,
+            attention_mask=self.mask[:, :T],
+            position_ids=self.positions,
+            cross=cross,
+            input_pos=torch.arange(T, device=embeds.device),
+            key_len=T,
+        )
+        if cross is not None:  # decode steps: the last prompt row of the image mask, keys/values reused
+            step = model.cross_context(states, iam[:, -1:], kv=cross.kv)
+            self.rows["cross"] = (step.kv, step.mask, step.gate)
+        return model.lm_head(hidden[:, -1])
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        input_pos: torch.Tensor,
+        key_len: int,
+    ) -> torch.Tensor:
+        cross = CrossContext(*self.rows["cross"]) if "cross" in self.rows else None
+        embeds = self.model.model.embed_tokens(tokens)
+        hidden = self.model.model(
+            embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cross=cross,
+            input_pos=input_pos,
+            key_len=key_len,
+        )
+        return self.model.lm_head(hidden[:, -1])

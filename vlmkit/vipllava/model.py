@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vlmkit.clip import CLIPVisionModel
+from vlmkit.generation import DecoderSession, GenerationConfig, GenerationMixin
 from vlmkit.llama import LlamaForCausalLM, causal_lm_loss, check_text_inputs
 from vlmkit.modules import CausalLMOutput, activation
 from vlmkit.vipllava.config import VipLlavaConfig
@@ -59,8 +60,10 @@ class MultiLayerProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class VipLlavaModel(SavePretrainedMixin, nn.Module):
+class VipLlavaModel(GenerationMixin, SavePretrainedMixin, nn.Module):
     """ViP-LLaVA (`model_type: vipllava`) or LLaVA-1.5 (`model_type: llava`), chosen by the config."""
+
+    generation_inputs = ("pixel_values", "image_features")
 
     def __init__(self, config: VipLlavaConfig) -> None:
         super().__init__()
@@ -149,3 +152,88 @@ class VipLlavaModel(SavePretrainedMixin, nn.Module):
         logits = self.language_model.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
+
+    def start_session(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None,
+        config: GenerationConfig,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> LlavaSession:
+        """Validate the inputs now (before any work) and return a session that runs the prompt once."""
+        check_text_inputs(input_ids, attention_mask, None)
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass either pixel_values or image_features, not both")
+        if pixel_values is not None and pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, channels, height, width); got {tuple(pixel_values.shape)}"
+            )
+        n_tokens = int((input_ids == self.config.image_token_index).sum())
+        n_images = (
+            pixel_values.shape[0]
+            if pixel_values is not None
+            else (image_features.shape[0] if image_features is not None else 0)
+        )
+        if n_tokens != n_images * self.config.image_tokens_per_image:
+            per = self.config.image_tokens_per_image
+            raise ValueError(
+                f"Image features and image tokens do not match: input_ids hold {n_tokens} <image> tokens but "
+                f"{n_images} image(s) need {n_images * per} ({per} per image)"
+            )
+        return LlavaSession(
+            self, input_ids, attention_mask, pixel_values, image_features, config.max_new_tokens
+        )
+
+
+class LlavaSession(DecoderSession):
+    def __init__(
+        self,
+        model: VipLlavaModel,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        pixel_values: torch.Tensor | None,
+        image_features: torch.Tensor | None,
+        max_new_tokens: int,
+    ) -> None:
+        self.lm = model.language_model
+        super().__init__(self.lm.model.layers, input_ids, attention_mask, max_new_tokens)
+        self.model = model
+        self.pixel_values, self.image_features = pixel_values, image_features
+
+    def prefill(self) -> torch.Tensor:
+        features = self.image_features
+        if self.pixel_values is not None:
+            features = self.model.get_image_features(self.pixel_values)  # the vision tower runs once
+        self.pixel_values = self.image_features = None
+        embeds = self.model.embed_inputs(self.input_ids, features)
+        B, T = self.input_ids.shape
+        self.lm.model.setup_cache(B, self.mask.shape[1])
+        hidden = self.lm.model(
+            embeds[:, :],
+            attention_mask=self.mask[:, :T],
+            position_ids=self.positions,
+            input_pos=torch.arange(T, device=embeds.device),
+            key_len=T,
+        )
+        return self.lm.lm_head(hidden[:, -1])
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        input_pos: torch.Tensor,
+        key_len: int,
+    ) -> torch.Tensor:
+        embeds = self.lm.model.embed_tokens(tokens)
+        hidden = self.lm.model(
+            embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            input_pos=input_pos,
+            key_len=key_len,
+        )
+        return self.lm.lm_head(hidden[:, -1])
