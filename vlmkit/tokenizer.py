@@ -284,3 +284,36 @@ def render_template(template: str, messages: list[dict[str, Any]], **context: An
         raise
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"chat template failed: {e}") from e
+
+
+class IncrementalDecoder:
+    """Text deltas from token ids arriving one at a time. A delta is released only when it does not end in
+    an incomplete UTF-8 sequence (U+FFFD), and it keeps the spaces a whole-sequence decode would have: each
+    step decodes from a few tokens back, so tokenizers that drop a leading space stay consistent.
+    The concatenated deltas plus `flush()` equal `tokenizer.decode(all_ids)`."""
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0  # start of the window decoded for context
+        self.read_offset = 0  # tokens before this have been released as text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        now = self._decode(self.ids[self.prefix_offset :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return now[len(before) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        now = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return now[len(before) :]

@@ -1,0 +1,143 @@
+"""The high-level API: a model and its processor, and one-line generate / stream / chat for both families.
+
+vlm = vlmkit.VLM.load("llava-hf/vip-llava-7b-hf", dtype="bfloat16")
+vlm.generate("What is inside the red box?", images=["photo.png"], max_new_tokens=64)
+for delta in vlm.stream("Describe the image.", images=["photo.png"]):
+    print(delta, end="")
+vlm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:..."}},
+                                       {"type": "text", "text": "What shape is this?"}]}])
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from vlmkit.idefics.processor import END_OF_UTTERANCE, IMAGE_TOKEN, IdeficsProcessor
+from vlmkit.models import load_model, load_processor
+from vlmkit.tokenizer import IncrementalDecoder
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+class VLM:
+    def __init__(self, model: torch.nn.Module, processor: Any) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+
+    @classmethod
+    def load(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+    ) -> VLM:
+        return cls(load_model(path_or_repo_id, dtype=dtype, device=device), load_processor(path_or_repo_id))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def inputs(self, prompt: str, images: Sequence[Any] | None = None, *, allow_remote: bool = False) -> dict:
+        """Processor outputs for a prompt with `<image>` markers where the images go (none: images first)."""
+        images = list(images or [])
+        if isinstance(self.processor, IdeficsProcessor):
+            pieces = re.split(re.escape(IMAGE_TOKEN), prompt)
+            if len(pieces) == 1 and images:
+                sample = [*images, prompt]
+            elif len(pieces) - 1 != len(images):
+                raise ValueError(
+                    f"the prompt holds {len(pieces) - 1} {IMAGE_TOKEN} markers but {len(images)} "
+                    f"images were given"
+                )
+            else:
+                sample = [
+                    part
+                    for i, piece in enumerate(pieces)
+                    for part in ([piece] if piece else []) + ([images[i]] if i < len(images) else [])
+                ]
+            out = self.processor(text=[sample], allow_remote=allow_remote)
+        else:
+            marker = self.processor.image_token
+            if images and marker not in prompt:
+                prompt = f"{marker}\n" * len(images) + prompt
+            out = self.processor(text=[prompt], images=images or None, allow_remote=allow_remote)
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def chat_inputs(self, messages: list[dict[str, Any]], *, allow_remote: bool = False) -> dict:
+        out = self.processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, allow_remote=allow_remote
+        )
+        return {k: v.to(self.device) for k, v in out.items()}
+
+    def _settings(self, sampling: dict[str, Any]) -> dict[str, Any]:
+        """Defaults for people: a longer budget, and IDEFICS-instruct's end of utterance also ends a turn."""
+        settings = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **sampling}
+        if settings.get("eos_token_id") is None:
+            eos = [
+                i
+                for i in (self.tokenizer.eos_token_id, self.tokenizer.token_to_id(END_OF_UTTERANCE))
+                if i is not None
+            ]
+            if eos:
+                settings["eos_token_id"] = eos
+        if settings.get("pad_token_id") is None and self.tokenizer.pad_token_id is not None:
+            settings["pad_token_id"] = self.tokenizer.pad_token_id
+        return settings
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def generate_from_inputs(self, inputs: dict, **sampling: Any) -> str | list[str]:
+        settings = self._settings(sampling)
+        out = self.model.generate(**inputs, tokenizer=self.tokenizer, **settings)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return texts[0] if len(texts) == 1 else texts
+
+    def stream_from_inputs(self, inputs: dict, **sampling: Any) -> Iterator[str]:
+        settings = self._settings(sampling)
+        if settings.get("num_return_sequences", 1) != 1:
+            raise ValueError("stream() yields one sequence: num_return_sequences must be 1")
+        decoder = IncrementalDecoder(self.tokenizer)
+        eos = set(settings.get("eos_token_id") or [])
+        for tokens in self.model.stream_tokens(**inputs, tokenizer=self.tokenizer, **settings):
+            token = int(tokens[0])
+            if token in eos:
+                break
+            delta = decoder.push(token)
+            if delta:
+                yield delta
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def generate(
+        self, prompt: str, images: Sequence[Any] | None = None, *, allow_remote: bool = False, **sampling: Any
+    ) -> str | list[str]:
+        """The answer to one prompt (a list of answers with num_return_sequences > 1)."""
+        return self.generate_from_inputs(self.inputs(prompt, images, allow_remote=allow_remote), **sampling)
+
+    def stream(
+        self, prompt: str, images: Sequence[Any] | None = None, *, allow_remote: bool = False, **sampling: Any
+    ) -> Iterator[str]:
+        """Text deltas of the answer as they are generated; never half a UTF-8 character."""
+        return self.stream_from_inputs(self.inputs(prompt, images, allow_remote=allow_remote), **sampling)
+
+    def chat(
+        self, messages: list[dict[str, Any]], *, allow_remote: bool = False, **sampling: Any
+    ) -> str | list[str]:
+        """The assistant's reply to OpenAI-style messages, through the checkpoint's chat template."""
+        return self.generate_from_inputs(self.chat_inputs(messages, allow_remote=allow_remote), **sampling)
+
+    def stream_chat(
+        self, messages: list[dict[str, Any]], *, allow_remote: bool = False, **sampling: Any
+    ) -> Iterator[str]:
+        return self.stream_from_inputs(self.chat_inputs(messages, allow_remote=allow_remote), **sampling)
