@@ -136,3 +136,43 @@ def test_left_padding_with_mask_positions_matches_unpadded_row(setup):
         batch = model(**inputs, position_ids=pos).logits
         alone = model(input_ids=ids[1:, 3:], pixel_values=inputs["pixel_values"][1:]).logits
     assert (batch[1, 3:] - alone[0]).abs().max().item() < 1e-5
+
+
+def test_cpu_layouts_keep_outputs_and_step_aside(tmp_path):
+    """Fused q/k/v and gate/up products (CPU inference) give the unfused result; with gradients, after a
+    dtype change or a re-assigned weight, the layers' own weights are used again."""
+    cfg = hf_llava_config("vipllava", vision_feature_layers=[-1], text=dict(num_key_value_heads=2))
+    hf = hf_llava_model(cfg)
+    hf.save_pretrained(tmp_path)
+    model = vlmkit.load_model(tmp_path)
+    attn = model.language_model.model.layers[0].self_attn
+    assert attn._fused_qkv is not None and model.language_model.model.layers[0].mlp._fused_gate_up is not None
+    inputs = llava_inputs(cfg, batch=1)
+    with torch.no_grad():
+        ref = hf(**inputs).logits
+        assert (model(**inputs).logits - ref).abs().max() < 1e-5
+    out = model(**inputs).logits  # gradients on: the layers' weights, and gradients reach them
+    out.sum().backward()
+    assert (
+        attn.q_proj.weight.grad is not None
+        and model.language_model.model.layers[0].mlp.up_proj.weight.grad is not None
+    )
+    with torch.no_grad():
+        attn.q_proj.weight.data = attn.q_proj.weight.data.clone() * 0  # re-assigned: the fused copy is stale
+        changed = model(**inputs).logits
+        assert not attn._fused_qkv.usable(attn.q_proj, attn.k_proj, attn.v_proj)
+        assert (changed - ref).abs().max() > 1e-3
+    model = vlmkit.load_model(tmp_path).to(torch.float64)
+    with torch.no_grad():
+        assert (
+            model(**{**inputs, "pixel_values": inputs["pixel_values"].double()}).logits - ref
+        ).abs().max() < 1e-5
+    state = vlmkit.load_model(tmp_path).state_dict()
+    assert all(torch.equal(state[k], v) for k, v in hf_state_in_our_names(hf).items())
+
+
+def hf_state_in_our_names(hf):
+    from vlmkit.vipllava.model import KEY_MAP
+    from vlmkit.weights import remap_keys
+
+    return remap_keys(dict(hf.state_dict()), KEY_MAP)

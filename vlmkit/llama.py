@@ -16,6 +16,7 @@ from torch import nn
 from vlmkit.configs import known_fields, require_positive
 from vlmkit.modules import (
     ROPE_TYPES,
+    FusedLinears,
     KVCache,
     RMSNorm,
     RotaryEmbedding,
@@ -136,12 +137,18 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
         self.kv_cache: KVCache | None = None
+        self._fused_qkv: FusedLinears | None = None  # set by optimize_for_cpu_inference
 
     def forward(self, x: torch.Tensor, ctx: DecoderContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        fused = self._fused_qkv
+        if fused is not None and fused.usable(self.q_proj, self.k_proj, self.v_proj):
+            q, k, v = fused(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(ctx.input_pos, k, v, ctx.key_len)  # (B, Hkv, S, D)

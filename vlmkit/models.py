@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlmkit.modules import optimize_for_cpu_inference
 from vlmkit.weights import (
     KeyMap,
     checkpoint_dtype,
@@ -80,6 +81,8 @@ def load_model(
     with torch.device("meta"):
         model = family.model_cls(config)
     load_weights(model, tensors, dtype=dtype, device=device, source=str(folder))
+    if next(model.parameters()).device.type == "cpu":
+        optimize_for_cpu_inference(model)
     return model.eval()
 
 

@@ -66,9 +66,15 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
         self.act = activation(act)
+        self._fused_gate_up: FusedLinears | None = None  # set by optimize_for_cpu_inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        fused = self._fused_gate_up
+        if fused is not None and fused.usable(self.gate_proj, self.up_proj):
+            gate, up = fused(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,8 +197,23 @@ def attention(
     is_causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention with grouped-query heads. q (B, H, T, D), k/v (B, Hkv, S, D)."""
-    gqa = q.shape[1] != k.shape[1]
+    """Scaled dot-product attention with grouped-query heads. q (B, H, T, D), k/v (B, Hkv, S, D).
+
+    One query per row (a decode step) on the CPU, without gradients, takes two plain matrix products: the
+    fused CPU kernel is tuned for blocks of queries and spends about twice as long on a single one.
+    """
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    if T == 1 and q.device.type == "cpu" and not torch.is_grad_enabled():
+        qg = q.view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D): the query heads that share each key/value head
+        scores = torch.matmul(qg, k.transpose(-1, -2)) * (
+            scale if scale is not None else D**-0.5
+        )  # (B, Hkv, G, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask.view(mask.shape[0], 1, 1, -1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with no visible key gives zeros
+        return torch.matmul(probs, v).view(B, H, 1, D)
+    gqa = H != Hkv
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale, enable_gqa=gqa
     )
@@ -221,3 +242,59 @@ class CausalLMOutput:
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
+
+
+class FusedLinears:
+    """Linear layers that read the same input (q/k/v; gate/up), their weights moved into one column-major
+    buffer (in, sum of outs) so that one matrix product serves them all. Each layer's `weight` stays its own
+    Parameter, a view into the buffer, so checkpoints, state dicts and training see nothing different.
+
+    Used only when no gradient is needed, and only while every layer still holds its slice: a dtype or
+    device change, a re-assigned weight or a wrapper such as peft's LoRA turns it off by itself.
+    """
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        first = linears[0].weight
+        sizes = [lin.out_features for lin in linears]
+        buffer = torch.empty(first.shape[1], sum(sizes), dtype=first.dtype, device=first.device)  # (in, out)
+        start = 0
+        for lin, n in zip(linears, sizes, strict=True):
+            buffer[:, start : start + n].copy_(lin.weight.detach().t())
+            lin.weight.data = buffer[:, start : start + n].t()
+            start += n
+        self.weight = buffer.t()  # (out, in) view with strides (1, out): x @ buffer
+        self.sizes = sizes
+        self.ptrs = [lin.weight.data_ptr() for lin in linears]
+
+    def usable(self, *linears: nn.Module) -> bool:
+        return not torch.is_grad_enabled() and all(
+            type(lin) is nn.Linear and lin.weight.data_ptr() == ptr and lin.weight.dtype == self.weight.dtype
+            for lin, ptr in zip(linears, self.ptrs, strict=True)
+        )
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return list(F.linear(x, self.weight).split(self.sizes, dim=-1))
+
+
+def optimize_for_cpu_inference(model: nn.Module) -> None:
+    """Weight layouts that make CPU decoding (one activation row per matrix) faster, outputs unchanged:
+    q/k/v and gate/up fused into one column-major product each, other wide projections (out > in, the LM
+    head among them) stored column-major, narrow ones (down, o) left row-major -- measured on a 2-core
+    Zen 3: column-major reads at 20-25 GB/s where row-major reads at 16-18 when out > in, and the
+    reverse when out < in."""
+    fused: set[int] = set()
+    for module in model.modules():
+        groups = []
+        if hasattr(module, "q_proj") and hasattr(module, "kv_cache"):
+            groups.append(("_fused_qkv", [module.q_proj, module.k_proj, module.v_proj]))
+        if isinstance(module, SwiGLU):
+            groups.append(("_fused_gate_up", [module.gate_proj, module.up_proj]))
+        for name, linears in groups:
+            if all(type(lin) is nn.Linear and lin.bias is None for lin in linears):
+                setattr(module, name, FusedLinears(linears))
+                fused.update(id(lin) for lin in linears)
+    for module in model.modules():
+        if type(module) is nn.Linear and id(module) not in fused:
+            w = module.weight
+            if w.shape[0] > w.shape[1] and w.is_contiguous():
+                module.weight.data = w.data.t().contiguous().t()

@@ -1,0 +1,139 @@
+"""Generation speed and memory: vlmkit vs transformers on the same random-weight checkpoint, in one run.
+
+For a ViP-LLaVA-shaped model (311M: CLIP-B/14 at 336 px, 12-layer 1024-wide LLaMA, vocab 32064; one image +
+40 text tokens = 617-token prompt) and an IDEFICS-shaped one of the same scale, each implementation runs in
+its own process (so peak RSS is its own), alternating, greedy, fp32:
+- time to first token: generate(max_new_tokens=1)
+- decode tokens/s over all rows: batch * (N - 1) / (time(N tokens) - time(1 token)), N forced with min_new_tokens
+- peak RSS of the process
+
+    .venv/bin/python benchmarks/generate.py [--family vipllava idefics] [--batches 1 8] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from forward import build_checkpoint, make_inputs  # noqa: E402
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def worker(impl: str, folder: str, family: str, batch: int, new_tokens: int) -> None:
+    torch.set_num_threads(2)
+    if impl == "vlmkit":
+        import vlmkit
+
+        model = vlmkit.load_model(folder)
+    else:
+        from transformers import AutoModelForImageTextToText, IdeficsForVisionText2Text
+
+        cls = IdeficsForVisionText2Text if family == "idefics" else AutoModelForImageTextToText
+        model = cls.from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = make_inputs(family, batch)
+
+    def run(n: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.generate(
+                **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+            )
+
+    run(2)  # warm-up
+    first = min(timed(lambda: run(1)) for _ in range(2))
+    full = timed(lambda: run(new_tokens))
+    out = run(new_tokens)
+    print(
+        json.dumps(
+            {
+                "ttft_s": first,
+                "decode_tok_s": batch * (new_tokens - 1) / max(full - first, 1e-9),
+                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                "tokens": out[:, -new_tokens:].tolist(),
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", nargs="+", default=["vipllava", "idefics"], choices=["vipllava", "idefics"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--worker", choices=["vlmkit", "transformers"])
+    ap.add_argument("--folder")
+    ap.add_argument("--batch", type=int)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker, args.folder, args.family[0], args.batch, args.new_tokens)
+        return
+    env = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"}
+    rows = []
+    for family in args.family:
+        with tempfile.TemporaryDirectory() as tmp:
+            build_checkpoint(Path(tmp), family)
+            for batch in args.batches:
+                res = {}
+                for impl in ("transformers", "vlmkit"):
+                    out = subprocess.run(
+                        [
+                            sys.executable,
+                            __file__,
+                            "--worker",
+                            impl,
+                            "--folder",
+                            tmp,
+                            "--family",
+                            family,
+                            "--batch",
+                            str(batch),
+                            "--new-tokens",
+                            str(args.new_tokens),
+                        ],
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                        env=env,
+                    )
+                    res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+                same = res["transformers"]["tokens"] == res["vlmkit"]["tokens"]
+                rows.append((family, batch, res["transformers"], res["vlmkit"], same))
+                print_row(*rows[-1])
+    print(
+        "\n| model | batch | TTFT transformers | TTFT vlmkit | decode tok/s transformers | decode tok/s vlmkit "
+        "| decode ratio | peak RSS transformers | peak RSS vlmkit | same tokens |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for family, batch, ref, ours, same in rows:
+        print(
+            f"| {family} | {batch} | {ref['ttft_s']:.2f} s | {ours['ttft_s']:.2f} s | {ref['decode_tok_s']:.1f} | "
+            f"{ours['decode_tok_s']:.1f} | {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x | "
+            f"{ref['peak_rss_gb']:.2f} GB | {ours['peak_rss_gb']:.2f} GB | {'yes' if same else 'NO'} |"
+        )
+
+
+def print_row(family: str, batch: int, ref: dict, ours: dict, same: bool) -> None:
+    print(
+        f"{family} batch {batch}: TTFT {ref['ttft_s']:.2f} s -> {ours['ttft_s']:.2f} s "
+        f"({ref['ttft_s'] / ours['ttft_s']:.2f}x), decode {ref['decode_tok_s']:.1f} -> {ours['decode_tok_s']:.1f} "
+        f"tok/s ({ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x), peak RSS {ref['peak_rss_gb']:.2f} -> "
+        f"{ours['peak_rss_gb']:.2f} GB, same tokens: {same}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
