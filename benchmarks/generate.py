@@ -3,8 +3,10 @@
 For a ViP-LLaVA-shaped model (311M: CLIP-B/14 at 336 px, 12-layer 1024-wide LLaMA, vocab 32064; one image +
 40 text tokens = 617-token prompt) and an IDEFICS-shaped one of the same scale, each implementation runs in
 its own process (so peak RSS is its own), alternating, greedy, fp32:
-- time to first token: generate(max_new_tokens=1)
-- decode tokens/s over all rows: batch * (N - 1) / (time(N tokens) - time(1 token)), N forced with min_new_tokens
+- time to first token: from the call to the first new token (transformers: its streamer's first `put` of new
+  tokens; vlmkit: the first step of `stream_tokens`)
+- decode tokens/s over all rows: batch * (N - 1) / (time of token N - time of token 1), N forced with
+  min_new_tokens
 - peak RSS of the process
 
     .venv/bin/python benchmarks/generate.py [--family vipllava idefics] [--batches 1 8] [--new-tokens 32]
@@ -27,10 +29,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from forward import build_checkpoint, make_inputs  # noqa: E402
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+class Clock:
+    """A transformers streamer that only notes when each put (the prompt, then every step) happens."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        self.times.append(time.perf_counter())
 
 
 def worker(impl: str, folder: str, family: str, batch: int, new_tokens: int) -> None:
@@ -45,24 +54,34 @@ def worker(impl: str, folder: str, family: str, batch: int, new_tokens: int) -> 
         cls = IdeficsForVisionText2Text if family == "idefics" else AutoModelForImageTextToText
         model = cls.from_pretrained(folder, dtype=torch.float32).eval()
     inputs = make_inputs(family, batch)
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
-    def run(n: int) -> torch.Tensor:
-        with torch.inference_mode():
-            return model.generate(
-                **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-            )
+    def run() -> tuple[list[float], list[list[int]]]:
+        """Token times (first new token .. last) and the new tokens."""
+        start = time.perf_counter()
+        if impl == "vlmkit":
+            steps, times = [], []
+            for tokens in model.stream_tokens(**inputs, **settings):
+                times.append(time.perf_counter())
+                steps.append(tokens)
+            new = torch.stack(steps, dim=1)
+        else:
+            clock = Clock()
+            with torch.inference_mode():
+                out = model.generate(**inputs, streamer=clock, **settings)
+            times = clock.times[1:-1]  # drop the prompt's put and the end
+            new = out[:, -new_tokens:]
+        return [start, *times], new.tolist()
 
-    run(2)  # warm-up
-    first = min(timed(lambda: run(1)) for _ in range(2))
-    full = timed(lambda: run(new_tokens))
-    out = run(new_tokens)
+    run()  # warm-up
+    times, tokens = run()
     print(
         json.dumps(
             {
-                "ttft_s": first,
-                "decode_tok_s": batch * (new_tokens - 1) / max(full - first, 1e-9),
+                "ttft_s": times[1] - times[0],
+                "decode_tok_s": batch * (new_tokens - 1) / (times[-1] - times[1]),
                 "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                "tokens": out[:, -new_tokens:].tolist(),
+                "tokens": tokens,
             }
         )
     )

@@ -264,14 +264,16 @@ def decode_tokens(
     stops = StopStrings(config.stop_strings, decode) if config.stop_strings else None
     if config.stop_strings and decode is None:
         raise ValueError("stop_strings need a tokenizer to decode with: pass tokenizer=...")
-    sequences = prompt_ids
+    T = prompt_ids.shape[1]
+    sequences = torch.empty(rows, T + config.max_new_tokens, dtype=torch.long, device=prompt_ids.device)
+    sequences[:, :T] = prompt_ids  # what the processors look back on, filled one column per step
     # stop strings may start in the prompt: keep its last tokens as context
     generated = [row[-stops.window :] for row in prompt_ids.tolist()] if stops else []
     for i in range(config.max_new_tokens):
-        scores = process_logits(logits.float(), sequences, config, new_tokens=i)
+        scores = process_logits(logits.float(), sequences[:, : T + i], config, new_tokens=i)
         tokens = sample(scores, config, generator)
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
-        sequences = torch.cat([sequences, tokens[:, None]], dim=1)
+        sequences[:, T + i] = tokens
         unfinished &= ~torch.isin(tokens, eos)
         if stops is not None:
             for r, t in enumerate(tokens.tolist()):

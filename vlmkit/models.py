@@ -81,6 +81,7 @@ def load_model(
     with torch.device("meta"):
         model = family.model_cls(config)
     load_weights(model, tensors, dtype=dtype, device=device, source=str(folder))
+    del tensors  # the model holds the tensors now; relayout below must not keep a second copy alive
     if next(model.parameters()).device.type == "cpu":
         optimize_for_cpu_inference(model)
     return model.eval()

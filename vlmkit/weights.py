@@ -12,6 +12,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -139,29 +140,83 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-def read_tensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
-    """All tensors of the given files. safetensors are memory-mapped; `.bin` files are read with
-    `torch.load(weights_only=True)`, so nothing but tensors is ever unpickled."""
-    tensors: dict[str, torch.Tensor] = {}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One tensor of a checkpoint, read when it is assigned. A safetensors file is memory-mapped only for
+    the time it takes to copy one tensor out, so file pages never pile up in the process's memory next to
+    the loaded weights (peak RSS stays the size of the model)."""
+
+    path: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    tensor: torch.Tensor | None = None  # .bin files: torch.load has mapped them already
+
+    def load(
+        self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        target = dtype if (dtype is not None and self.dtype.is_floating_point) else self.dtype
+        if self.tensor is not None:
+            return self.tensor.to(device=device or "cpu", dtype=target, copy=True)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                return f.get_tensor(self.key).to(device=device or "cpu", dtype=target, copy=True)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(
+                f"cannot read tensor {self.key!r} from {self.path}: {e}. The file is corrupt or truncated; "
+                f"re-download it"
+            ) from e
+
+
+def read_tensors(files: Iterable[Path]) -> dict[str, TensorRef]:
+    """Every tensor of the given files, by name, as a reference to read later. safetensors headers are
+    read now (a corrupt file fails here); `.bin` files are read with `torch.load(weights_only=True)`, so
+    nothing but tensors is ever unpickled."""
+    tensors: dict[str, TensorRef] = {}
     for path in files:
         if path.suffix == ".safetensors":
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    part = {k: f.get_tensor(k) for k in f.keys()}
+                    part = {}
+                    for k in f.keys():
+                        piece = f.get_slice(k)
+                        kind = piece.get_dtype()
+                        if kind not in SAFETENSORS_DTYPES:
+                            raise CheckpointError(f"{path}: tensor {k!r} has unsupported dtype {kind}")
+                        part[k] = TensorRef(path, k, tuple(piece.get_shape()), SAFETENSORS_DTYPES[kind])
             except (SafetensorError, OSError, ValueError) as e:
+                if isinstance(e, CheckpointError):
+                    raise
                 raise CheckpointError(
                     f"cannot read {path}: {e}. The file is corrupt or truncated; re-download it"
                 ) from e
         else:
             try:
-                part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
                 raise CheckpointError(
                     f"cannot read {path} as a weights-only torch file ({e}). vlmkit never "
                     f"unpickles arbitrary objects; convert it to safetensors"
                 ) from e
-            if not isinstance(part, dict):
-                raise CheckpointError(f"{path} does not hold a state dict")
+            if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+                raise CheckpointError(f"{path} does not hold a state dict of tensors")
+            part = {k: TensorRef(path, k, tuple(t.shape), t.dtype, t) for k, t in loaded.items()}
         dup = tensors.keys() & part.keys()
         if dup:
             raise CheckpointError(
@@ -171,12 +226,10 @@ def read_tensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def remap_keys(
-    tensors: dict[str, torch.Tensor], key_map: KeyMap, ignore: Sequence[str] = ()
-) -> dict[str, torch.Tensor]:
+def remap_keys(tensors: dict[str, Any], key_map: KeyMap, ignore: Sequence[str] = ()) -> dict[str, Any]:
     """Rename checkpoint keys to our module names with an ordered prefix table."""
     ignore_re = [re.compile(p) for p in ignore]
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for key, tensor in tensors.items():
         if any(p.search(key) for p in ignore_re):
             continue
@@ -212,14 +265,14 @@ def tied_parameters(model: nn.Module) -> dict[str, str]:
 
 def load_weights(
     model: nn.Module,
-    tensors: dict[str, torch.Tensor],
+    tensors: dict[str, TensorRef],
     *,
     dtype: torch.dtype | None,
     device: torch.device | str | None,
     source: str = "checkpoint",
 ) -> None:
-    """Assign `tensors` (already in our key names) to a meta-built `model`. Missing, unexpected and
-    wrong-shaped tensors are reported together in one CheckpointError."""
+    """Read `tensors` (already in our key names) into a meta-built `model`. Missing, unexpected and
+    wrong-shaped tensors are reported together in one CheckpointError, before anything is read."""
     aliases = tied_parameters(model)
     expected = {k: v for k, v in model.state_dict().items() if k not in aliases}
     for alias, owner in aliases.items():  # a tied head stored explicitly is the same tensor: accept it once
@@ -243,10 +296,7 @@ def load_weights(
                 parts.append(f"  {len(items)} {title}:\n    {shown}")
         parts.append("Check that config.json belongs to these weights (same model size and type).")
         raise CheckpointError("\n".join(parts))
-    state = {}
-    for k, t in tensors.items():
-        target = dtype if (dtype is not None and t.is_floating_point()) else t.dtype
-        state[k] = t.to(device=device or "cpu", dtype=target)
+    state = {k: ref.load(device=device, dtype=dtype) for k, ref in tensors.items()}
     model.load_state_dict(state, assign=True, strict=False)
     for alias, owner in aliases.items():  # assign=True replaced the owner; point the alias at it again
         parent, _, leaf = alias.rpartition(".")
@@ -256,9 +306,9 @@ def load_weights(
         raise CheckpointError(f"{source}: tensors left unset after loading: {still_meta[:10]}")
 
 
-def checkpoint_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+def checkpoint_dtype(tensors: dict[str, TensorRef]) -> torch.dtype:
     for t in tensors.values():
-        if t.is_floating_point():
+        if t.dtype.is_floating_point:
             return t.dtype
     return torch.float32
 
