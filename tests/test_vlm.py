@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from checkpoints import build_idefics_checkpoint, build_llava_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from oracle import build_tokenizer, hf_idefics_config, hf_idefics_model, hf_llava_config, hf_llava_model
+from oracle import build_tokenizer
 from PIL import Image
 
 import vlmkit
@@ -18,52 +19,12 @@ IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 52, 3), d
 
 @pytest.fixture(scope="module")
 def llava_folder(tmp_path_factory):
-    from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaProcessor
-
-    folder = tmp_path_factory.mktemp("llava")
-    build_tokenizer(folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    cfg = hf_llava_config("llava", text=dict(vocab_size=len(tok)), vision=dict(image_size=30, patch_size=6))
-    cfg.image_token_index = tok.convert_tokens_to_ids("<image>")
-    cfg.text_config.eos_token_id = tok.eos_token_id
-    hf = hf_llava_model(cfg, seed=3)
-    hf.save_pretrained(folder)
-    proc = LlavaProcessor(
-        image_processor=CLIPImageProcessorPil(
-            size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}
-        ),
-        tokenizer=tok,
-        patch_size=6,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template="{% for m in messages %}USER: {% for p in m['content'] %}"
-        "{% if p['type'] == 'image' %}<image>\n{% else %}{{ p['text'] }}{% endif %}"
-        "{% endfor %} {% endfor %}ASSISTANT:",
-    )
-    proc.save_pretrained(folder)
-    return folder, hf, proc
+    return build_llava_checkpoint(tmp_path_factory.mktemp("llava"))
 
 
 @pytest.fixture(scope="module")
 def idefics_folder(tmp_path_factory):
-    from transformers import AutoTokenizer, IdeficsImageProcessorPil, IdeficsProcessor
-
-    folder = tmp_path_factory.mktemp("idefics")
-    specials = ("<fake_token_around_image>", "<image>", "<end_of_utterance>")
-    build_tokenizer(folder, extra_special=specials)
-    tok = AutoTokenizer.from_pretrained(folder)
-    cfg = hf_idefics_config(
-        vocab_size=len(tok),
-        additional_vocab_size=0,
-        use_resampler=True,
-        vision=dict(image_size=28),
-        eos_token_id=tok.eos_token_id,
-    )
-    hf = hf_idefics_model(cfg, seed=4)
-    hf.save_pretrained(folder)
-    proc = IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=28), tokenizer=tok)
-    proc.save_pretrained(folder)
-    return folder, hf, proc
+    return build_idefics_checkpoint(tmp_path_factory.mktemp("idefics"))
 
 
 def whole_characters(tok) -> list[list[int]]:
@@ -94,7 +55,9 @@ def test_llava_generate_stream_chat(llava_folder):
         {"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "What?"}]}
     ]
     chat_inputs = proc.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}], tokenize=False
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     chat_want = reference_text(
         hf,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from vlmkit.configs import known_fields, require_positive
@@ -203,7 +204,7 @@ class LlamaModel(nn.Module):
         )
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, ctx)
+            x = run_layer(layer, x, ctx)
         return self.norm(x)
 
     def setup_cache(
@@ -316,12 +317,23 @@ def check_text_inputs(
             )
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Next-token cross-entropy in fp32: logits (B, T, V) at t predict labels at t+1; -100 is ignored."""
+def run_layer(layer: nn.Module, x: torch.Tensor, ctx: DecoderContext) -> torch.Tensor:
+    """A decoder layer, recomputed in the backward pass instead of storing its activations when the
+    layer is marked `gradient_checkpointing` and gradients are being recorded."""
+    if getattr(layer, "gradient_checkpointing", False) and torch.is_grad_enabled() and layer.training:
+        return torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+    return layer(x, ctx)
+
+
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy in fp32: logits (B, T, V) at t predict labels at t+1; -100 is ignored.
+    reduction "sum" lets a trainer divide by the token count of a whole (multi-process) batch."""
     if labels.shape != logits.shape[:2]:
         raise ValueError(
             f"labels shape {tuple(labels.shape)} does not match input shape {tuple(logits.shape[:2])}"
         )
     shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction=reduction)

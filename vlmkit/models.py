@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlmkit.modules import optimize_for_cpu_inference
+from vlmkit.modules import RMSNorm, optimize_for_cpu_inference
 from vlmkit.weights import (
     KeyMap,
     checkpoint_dtype,
@@ -108,3 +108,34 @@ def load_processor(path_or_repo_id: str | os.PathLike, *, revision: str | None =
             f"supported: {sorted(PROCESSOR_CLASSES)}"
         )
     return families()[PROCESSOR_CLASSES[named]].processor_cls.from_folder(folder)
+
+
+def init_model(config: dict[str, Any], *, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """A model of the given config.json contents with fresh random weights, for training small models from
+    scratch: normal(0, std) matrices and embeddings, unit norms, zero biases, IDEFICS gates as its
+    `alpha_initializer` says, normal(0, 1) perceiver latents."""
+    family = family_for(config, "config")
+    parsed = family.config_cls.from_hf(config)
+    model = family.model_cls(parsed)
+    g = torch.Generator().manual_seed(seed)
+    alpha_init = getattr(parsed, "alpha_initializer", "zeros")
+    alpha_std = getattr(parsed, "alphas_initializer_range", 0.0)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, (nn.LayerNorm, RMSNorm))}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("alpha_cross_attn", "alpha_dense")):
+                if alpha_init == "ones":
+                    p.fill_(1.0)
+                elif alpha_init in ("normal", "gaussian", "random"):
+                    p.copy_(torch.randn(p.shape, generator=g) * alpha_std)
+                else:
+                    p.zero_()
+            elif id(p) in norms:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            elif name.endswith("latents"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model

@@ -8,6 +8,7 @@ from tokenizer_config.json and special_tokens_map.json.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Sequence
@@ -266,8 +267,19 @@ def _raise(message: str) -> None:
 
 def render_template(template: str, messages: list[dict[str, Any]], **context: Any) -> str:
     """Render a Hugging Face chat template: jinja2 sandbox, trim_blocks + lstrip_blocks, `raise_exception`,
-    `strftime_now` and a `tojson` that keeps non-ASCII characters."""
+    `strftime_now` and a `tojson` that keeps non-ASCII characters. Compiled templates are cached."""
     import jinja2
+
+    try:
+        return _compiled(template).render(messages=messages, **context)
+    except ChatTemplateError:
+        raise
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"chat template failed: {e}") from e
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(template: str) -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(
@@ -278,12 +290,7 @@ def render_template(template: str, messages: list[dict[str, Any]], **context: An
     )
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template).render(messages=messages, **context)
-    except ChatTemplateError:
-        raise
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"chat template failed: {e}") from e
+    return env.from_string(template)
 
 
 class IncrementalDecoder:

@@ -24,6 +24,7 @@ from vlmkit.llama import (
     causal_lm_loss,
     check_text_inputs,
     decoder_context,
+    run_layer,
     setup_kv_cache,
 )
 from vlmkit.modules import CausalLMOutput, RMSNorm, RotaryEmbedding, SwiGLU, attention
@@ -199,7 +200,7 @@ class IdeficsBase(nn.Module):
                     x = block(x, kv=None, mask=None, gate=None)
                 else:
                     x = block(x, kv=cross.kv[j], mask=cross.mask, gate=cross.gate)
-            x = layer(x, ctx)
+            x = run_layer(layer, x, ctx)
         return self.norm(x)
 
 

@@ -1,0 +1,1 @@
+"""Fine-tuning: conversation data, batching and the training loop."""

@@ -1,0 +1,513 @@
+"""Fine-tuning data: a JSONL file of LLaVA-style conversations -> tokenized samples whose labels cover the
+assistant turns only, and `collate`, which pads samples into a batch.
+
+Each line is one object: `{"id": ..., "image": "a.png" | ["a.png", "b.png"] (optional), "conversations":
+[{"from": "human", "value": "<image>\\nWhat is this?"}, {"from": "gpt", "value": "A cat."}, ...]}`. Image
+paths are relative to the file's folder. A row with images but no `<image>` marker gets one marker per image
+at the start of its first human turn, as LLaVA data means it.
+
+The whole file is checked before anything is returned; bad rows are skipped and counted, or raise:
+
+    >>> samples, report = load_conversations("train.jsonl", processor, max_length=2048)
+    >>> print(report.summary())
+    kept 97 of 100 rows; skipped 2 missing image (rows 4, 9), 1 too long (row 13)
+    >>> batch = collate(samples[:8], pad_token_id=processor.tokenizer.pad_token_id)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmkit.idefics.processor import IMAGE_TOKEN as IDEFICS_IMAGE_TOKEN
+from vlmkit.idefics.processor import IdeficsProcessor, is_url
+from vlmkit.tokenizer import ChatTemplateError
+from vlmkit.vipllava.processor import LlavaProcessor
+
+IGNORE_INDEX = -100  # the label of every token the loss skips
+IMAGE_MARKER = "<image>"  # where an image goes in the data's text, by LLaVA's convention
+POLICIES = ("skip", "error")
+REASONS = (
+    "invalid json",
+    "empty conversation",
+    "image count",
+    "missing image",
+    "bad image",
+    "template error",
+    "too long",
+)
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+Processor = LlavaProcessor | IdeficsProcessor
+
+
+@dataclass
+class Sample:
+    """One training example, tokenized. labels are IGNORE_INDEX except on the tokens the model must learn."""
+
+    input_ids: torch.Tensor  # (T,) long
+    labels: torch.Tensor  # (T,) long
+    pixel_values: torch.Tensor | None  # (n_images, 3, H, W); None without images
+    image_attention_mask: torch.Tensor | None  # IDEFICS: (T, n_images) long; None for the LLaVA family
+    row: int  # 1-based line number in the JSONL file
+
+
+@dataclass
+class DataReport:
+    """What `load_conversations` kept and skipped. skipped: reason -> row numbers; details: row -> why."""
+
+    total: int = 0
+    kept: int = 0
+    skipped: dict[str, list[int]] = field(default_factory=dict)
+    details: dict[int, str] = field(default_factory=dict)
+
+    def skip(self, row: int, reason: str, message: str) -> None:
+        self.skipped.setdefault(reason, []).append(row)
+        self.details[row] = f"{reason}: {message}"
+
+    def summary(self, max_rows: int = 10) -> str:
+        """One line, e.g. "kept 97 of 100 rows; skipped 2 missing image (rows 4, 9), 1 too long (row 13)"."""
+        text = f"kept {self.kept} of {self.total} rows"
+        parts = []
+        for reason in sorted(self.skipped, key=lambda r: REASONS.index(r) if r in REASONS else len(REASONS)):
+            rows = self.skipped[reason]
+            listed = ", ".join(str(r) for r in rows[:max_rows])
+            if len(rows) > max_rows:
+                listed += f", ... ({len(rows) - max_rows} more)"
+            parts.append(f"{len(rows)} {reason} ({'row' if len(rows) == 1 else 'rows'} {listed})")
+        return f"{text}; skipped {', '.join(parts)}" if parts else text
+
+
+class BadRow(Exception):
+    """A row that cannot become a sample: `reason` is one of REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+@dataclass
+class Conversation:
+    """One parsed row: (role, text) turns with roles user/assistant/system, and its image files."""
+
+    turns: list[tuple[str, str]]
+    images: list[Path]
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def load_conversations(
+    path: str | Path,
+    processor: Processor,
+    *,
+    max_length: int,
+    on_bad_sample: str = "skip",
+    limit: int | None = None,
+) -> tuple[list[Sample], DataReport]:
+    """Read and tokenize a conversation JSONL file for `processor`'s family (LLaVA / ViP-LLaVA or IDEFICS).
+
+    Every row is checked (JSON, turns, images on disk and decodable, `<image>` markers against images, the
+    chat template, length <= max_length) before anything is returned. on_bad_sample="skip" leaves bad rows
+    out and lists them in the report (when every row is bad, the list is empty: the caller decides); "error"
+    raises ValueError naming the first bad row and why. `limit` stops reading once that many samples are
+    kept (the rest of the file is not read).
+
+        >>> samples, report = load_conversations("data/train.jsonl", processor, max_length=1024, limit=100)
+    """
+    if on_bad_sample not in POLICIES:
+        raise ValueError(f"on_bad_sample must be one of {POLICIES}, got {on_bad_sample!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None or a positive int, got {limit!r}")
+    if not isinstance(processor, (LlavaProcessor, IdeficsProcessor)):
+        raise TypeError(
+            f"processor must be a LlavaProcessor or an IdeficsProcessor (vlmkit.load_processor), "
+            f"got {type(processor).__name__}"
+        )
+    if (processor.chat_template or processor.tokenizer.chat_template) is None:
+        raise ValueError("the processor has no chat template to render the conversations with")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no conversation file {path}")
+    samples: list[Sample] = []
+    report = DataReport()
+    for row, line in read_lines(path):
+        if limit is not None and len(samples) >= limit:
+            break
+        report.total += 1
+        try:
+            samples.append(make_sample(line, row, path.parent, processor, max_length=max_length))
+        except BadRow as bad:
+            if on_bad_sample == "error":
+                raise ValueError(
+                    f"{path}, row {row}: {bad.reason}: {bad.message} (on_bad_sample='skip' leaves such rows out)"
+                ) from None
+            report.skip(row, bad.reason, bad.message)
+        except ValueError as e:  # not the row's fault (a template that cannot be used): stop
+            raise ValueError(f"{path}, row {row}: {e}") from e
+    report.kept = len(samples)
+    return samples, report
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of each non-blank line; undecodable bytes come through as U+FFFD, so the
+    row fails as JSON rather than the whole file."""
+    with path.open("rb") as f:
+        for row, raw in enumerate(f, start=1):
+            line = raw.decode("utf-8-sig" if row == 1 else "utf-8", errors="replace")
+            if line.strip():
+                yield row, line
+
+
+def make_sample(line: str, row: int, folder: Path, processor: Processor, *, max_length: int) -> Sample:
+    """One JSONL line -> a Sample, or BadRow."""
+    conversation = parse_row(line, folder)
+    turns = place_markers(conversation.turns, len(conversation.images))
+    messages = to_messages(turns)
+    pixel_values = load_pixels(processor, conversation.images)
+    text, spans = render_with_spans(processor, messages)
+    mask = np.zeros(len(text), dtype=bool)  # True on the characters the model learns
+    for start, end in spans:
+        mask[start:end] = True
+    if isinstance(processor, IdeficsProcessor):
+        sample = idefics_sample(processor, text, mask, pixel_values, row)
+    else:
+        sample = llava_sample(processor, text, mask, pixel_values, row)
+    if len(sample.input_ids) > max_length:
+        raise BadRow("too long", f"{len(sample.input_ids)} tokens, above max_length={max_length}")
+    return sample
+
+
+# -- one row: parsing and checks ------------------------------------------------------------------
+
+
+def parse_row(line: str, folder: Path) -> Conversation:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise BadRow("invalid json", f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise BadRow("invalid json", f"expected a JSON object, got {type(obj).__name__}")
+    conversations = obj.get("conversations")
+    if not isinstance(conversations, list):
+        raise BadRow("invalid json", '\'conversations\' must be a list of {"from": ..., "value": ...} turns')
+    turns = [parse_turn(turn, i) for i, turn in enumerate(conversations)]
+    if not any(role == "assistant" and text.strip() for role, text in turns):
+        raise BadRow("empty conversation", "no gpt turn with text to learn from")
+    return Conversation(turns, image_paths(obj.get("image"), folder))
+
+
+def parse_turn(turn: Any, index: int) -> tuple[str, str]:
+    if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+        raise BadRow("invalid json", f"turn {index} must be an object with a string 'value'")
+    role = ROLES.get(turn.get("from"))
+    if role is None:
+        raise BadRow(
+            "invalid json",
+            f"turn {index}: 'from' must be 'human', 'gpt' or 'system', got {turn.get('from')!r}",
+        )
+    return role, turn["value"]
+
+
+def image_paths(field_value: Any, folder: Path) -> list[Path]:
+    """The row's "image": absent, one path or a list of paths; relative paths are under `folder`."""
+    if field_value is None:
+        return []
+    names = [field_value] if isinstance(field_value, str) else field_value
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise BadRow("invalid json", "'image' must be a file name or a list of file names")
+    return [folder / name for name in names]  # an absolute name replaces the folder
+
+
+def place_markers(turns: list[tuple[str, str]], n_images: int) -> list[tuple[str, str]]:
+    """Check one `<image>` per image; a row with images and no markers gets them at the start of its first
+    human turn."""
+    n_markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
+    if n_markers == n_images:
+        return turns
+    if n_markers == 0:
+        first = next((i for i, (role, _) in enumerate(turns) if role == "user"), None)
+        if first is None:
+            raise BadRow("image count", f"{n_images} images but no human turn to show them in")
+        role, text = turns[first]
+        return [*turns[:first], (role, f"{IMAGE_MARKER}\n" * n_images + text), *turns[first + 1 :]]
+    raise BadRow(
+        "image count", f"{n_markers} {IMAGE_MARKER} markers in the turns but {n_images} images in 'image'"
+    )
+
+
+def to_messages(turns: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Turns -> chat-template messages in the content-part form: a turn's images as image parts, then its
+    text without the markers (stripped, as LLaVA's preprocessing does)."""
+    messages = []
+    for role, text in turns:
+        n = text.count(IMAGE_MARKER)
+        if n:
+            text = text.replace(IMAGE_MARKER, "").strip()
+        content = [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": text}]
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def load_pixels(processor: Processor, images: list[Path]) -> torch.Tensor | None:
+    """(n_images, 3, H, W), or None without images."""
+    if not images:
+        return None
+    for image in images:
+        if not image.is_file():
+            raise BadRow("missing image", f"no image file {image}")
+    try:  # preprocess loads each file with vlmkit.images.load_image
+        return processor.image_processor.preprocess(images, max_pixels=processor.max_pixels)
+    except (ValueError, OSError) as e:
+        raise BadRow("bad image", str(e)) from None
+
+
+# -- rendering and labels -------------------------------------------------------------------------
+
+
+def render_with_spans(
+    processor: Processor, messages: list[dict[str, Any]]
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and, for each assistant turn, the characters it adds after the generation
+    prompt: render(messages[:i], generation prompt) is a prefix of render(messages[:i + 1]), and the
+    difference is the answer plus whatever the template closes the turn with (an end-of-turn token, eos)."""
+
+    def render(part: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        try:
+            return processor.tokenizer.render_chat(
+                part, chat_template=processor.chat_template, add_generation_prompt=add_generation_prompt
+            )
+        except ChatTemplateError as e:
+            raise BadRow("template error", str(e)) from None
+
+    text = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = render(messages[:i], True)
+        through = render(messages[: i + 1], False)
+        if not through.startswith(prefix) or not text.startswith(through):
+            # A property of the template, not of the row: stop whatever the policy.
+            raise ValueError(
+                f"the chat template does not render a conversation as an extension of its first turns "
+                f"(the prompt before assistant turn {i} is not a prefix of the conversation up to that turn, or "
+                f"that is not a prefix of the whole), so the assistant's tokens cannot be located; "
+                f"use a template that renders turns in order"
+            )
+        spans.append((len(prefix), len(through)))
+    return text, spans
+
+
+def label_tokens(
+    ids: list[int], offsets: list[tuple[int, int]], text: str, mask: np.ndarray, skip_id: int
+) -> torch.Tensor:
+    """Which tokens of `text` are learned: those that start on a learned character, and those that straddle
+    the start of an answer (the tokenizer merged the end of the generation prompt with it) when their
+    learned part is more than whitespace: "▁A" after a prompt ending in a space is learned, ":▁" before an
+    answer " A" is not. Tokens without characters (BOS) and `skip_id` (image tokens) never are."""
+    visible = mask & ~np.fromiter((c.isspace() for c in text), dtype=bool, count=len(text))
+    seen = np.concatenate([[0], np.cumsum(visible)])
+    labels = [
+        token
+        if end > start and token != skip_id and (mask[start] or seen[end] > seen[start])
+        else IGNORE_INDEX
+        for token, (start, end) in zip(ids, offsets, strict=True)
+    ]
+    return torch.tensor(labels, dtype=torch.long)
+
+
+def count_rendered_images(text: str, marker: str, n_images: int) -> None:
+    found = text.count(marker)
+    if found != n_images:
+        raise BadRow(
+            "image count",
+            f"the chat template wrote {found} {marker} markers for {n_images} images "
+            f"(does it drop images outside human turns?)",
+        )
+
+
+def llava_sample(
+    processor: LlavaProcessor, text: str, mask: np.ndarray, pixel_values: torch.Tensor | None, row: int
+) -> Sample:
+    """Each `<image>` becomes tokens_for(H, W) image tokens, then the text is tokenized with special tokens,
+    as LlavaProcessor does."""
+    marker = processor.image_token
+    n_images = 0 if pixel_values is None else len(pixel_values)
+    count_rendered_images(text, marker, n_images)
+    per_image = 0
+    if pixel_values is not None:
+        per_image = processor.tokens_for(*pixel_values.shape[-2:])
+        pieces = text.split(marker)
+        text = (marker * per_image).join(pieces)
+        mask = np.concatenate(spread(mask, [len(p) for p in pieces], len(marker), len(marker) * per_image))
+    encoding = processor.tokenizer.backend.encode(text, add_special_tokens=True)
+    ids = encoding.ids
+    found = ids.count(processor.image_token_id)
+    if found != n_images * per_image:
+        raise BadRow(
+            "image count", f"the text tokenizes to {found} image tokens, not {n_images} x {per_image}"
+        )
+    return Sample(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        labels=label_tokens(ids, encoding.offsets, text, mask, processor.image_token_id),
+        pixel_values=pixel_values,
+        image_attention_mask=None,
+        row=row,
+    )
+
+
+def spread(mask: np.ndarray, piece_lengths: list[int], gap: int, new_gap: int) -> list[np.ndarray]:
+    """The mask of text pieces separated by `gap` characters, with each gap widened to `new_gap` unlearned
+    characters."""
+    out, pos = [], 0
+    for k, length in enumerate(piece_lengths):
+        out.append(mask[pos : pos + length])
+        pos += length
+        if k < len(piece_lengths) - 1:
+            out.append(np.zeros(new_gap, dtype=bool))
+            pos += gap
+    return out
+
+
+class _Image:
+    """An image slot for IdeficsProcessor.build_prompt (a path string there would be read as text)."""
+
+
+def idefics_sample(
+    processor: IdeficsProcessor, text: str, mask: np.ndarray, pixel_values: torch.Tensor | None, row: int
+) -> Sample:
+    """The rendered text is split at its `<image>` markers into an interleaved sample, which build_prompt
+    turns into the IDEFICS prompt (BOS, image and fake tokens, pieces stripped of end spaces)."""
+    n_images = 0 if pixel_values is None else len(pixel_values)
+    count_rendered_images(text, IDEFICS_IMAGE_TOKEN, n_images)
+    prompt, prompt_mask = idefics_prompt(processor, text, mask)
+    encoding = processor.tokenizer.backend.encode(prompt, add_special_tokens=False)
+    ids = torch.tensor(encoding.ids, dtype=torch.long)
+    found = int((ids == processor.image_token_id).sum())
+    if found != n_images:
+        raise BadRow("image count", f"the prompt tokenizes to {found} image tokens for {n_images} images")
+    if n_images:
+        image_attention_mask = processor.image_attention_mask(ids[None], n_images)[0]  # (T, N)
+    else:
+        image_attention_mask = torch.zeros(len(ids), 0, dtype=torch.long)
+    return Sample(
+        input_ids=ids,
+        labels=label_tokens(encoding.ids, encoding.offsets, prompt, prompt_mask, processor.image_token_id),
+        pixel_values=pixel_values,
+        image_attention_mask=image_attention_mask.long(),
+        row=row,
+    )
+
+
+def idefics_prompt(processor: IdeficsProcessor, text: str, mask: np.ndarray) -> tuple[str, np.ndarray]:
+    """build_prompt's string for the rendered text, and the learned-character mask carried over to it.
+    Where each text piece lands is read off build_prompt itself: the prompt of the first j items ends
+    where item j ends."""
+    sample: list[Any] = []
+    starts: dict[int, int] = {}  # sample index of a text piece -> its start in `text`
+    pos = 0
+    pieces = text.split(IDEFICS_IMAGE_TOKEN)
+    for k, piece in enumerate(pieces):
+        if piece:  # as IdeficsProcessor.apply_chat_template: empty pieces are left out
+            if is_url(piece.strip(" ")):
+                raise BadRow(
+                    "image count",
+                    f"the text {piece.strip()!r} looks like a URL, which IDEFICS reads as an image",
+                )
+            starts[len(sample)] = pos
+            sample.append(piece)
+        pos += len(piece)
+        if k < len(pieces) - 1:
+            sample.append(_Image())
+            pos += len(IDEFICS_IMAGE_TOKEN)
+
+    def build(items: list[Any]) -> str:
+        return processor.build_prompt(items, add_end_of_utterance_token=False, add_eos_token=False)[0]
+
+    prompt = build(sample)
+    prompt_mask = np.zeros(len(prompt), dtype=bool)
+    for j, start in starts.items():
+        piece = sample[j]
+        kept = piece.strip(" ")
+        end = len(build(sample[: j + 1]))
+        begin = end - len(kept)
+        if prompt[begin:end] != kept:
+            raise AssertionError(f"build_prompt did not write {kept!r} where expected")
+        lead = len(piece) - len(piece.lstrip(" "))
+        prompt_mask[begin:end] = mask[start + lead : start + lead + len(kept)]
+    return prompt, prompt_mask
+
+
+# -- batching --------------------------------------------------------------------------------------
+
+
+def collate(samples: list[Sample], *, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad samples into a batch: input_ids, attention_mask (1/0), labels (IGNORE_INDEX on padding).
+
+    LLaVA family: pixel_values (N_total, 3, H, W), every sample's images in order; absent without images.
+    IDEFICS: pixel_values (B, N_max, 3, H, W) and image_attention_mask (B, T_max, N_max), zero-padded;
+    both absent when no sample has an image.
+
+        >>> batch = collate(samples[:4], pad_token_id=0)
+        >>> model(**batch).loss
+    """
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+        raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
+    idefics = {s.image_attention_mask is not None for s in samples}
+    if len(idefics) > 1:
+        raise ValueError(
+            "the samples mix the IDEFICS and LLaVA families (only some have image_attention_mask)"
+        )
+    B, T = len(samples), max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    for b, s in enumerate(samples):
+        n = len(s.input_ids)
+        if s.labels.shape != s.input_ids.shape:
+            raise ValueError(
+                f"row {s.row}: labels {tuple(s.labels.shape)} != input_ids {tuple(s.input_ids.shape)}"
+            )
+        input_ids[b, :n] = s.input_ids
+        attention_mask[b, :n] = 1
+        labels[b, :n] = s.labels
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if idefics.pop():
+        batch.update(collate_idefics_images(samples, T))
+    else:
+        pixels = [s.pixel_values for s in samples if s.pixel_values is not None and len(s.pixel_values)]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+    return batch
+
+
+def collate_idefics_images(samples: list[Sample], T: int) -> dict[str, torch.Tensor]:
+    counts = [0 if s.pixel_values is None else len(s.pixel_values) for s in samples]
+    N = max(counts)
+    if N == 0:
+        return {}
+    first = next(s.pixel_values for s in samples if s.pixel_values is not None and len(s.pixel_values))
+    pixel_values = first.new_zeros(len(samples), N, *first.shape[1:])  # (B, N, 3, H, W)
+    image_attention_mask = torch.zeros(len(samples), T, N, dtype=torch.long)  # (B, T, N)
+    for b, (s, n) in enumerate(zip(samples, counts, strict=True)):
+        if s.image_attention_mask.shape != (len(s.input_ids), n):
+            raise ValueError(
+                f"row {s.row}: image_attention_mask {tuple(s.image_attention_mask.shape)} does not match "
+                f"{len(s.input_ids)} tokens x {n} images"
+            )
+        if n:
+            pixel_values[b, :n] = s.pixel_values
+            image_attention_mask[b, : len(s.input_ids), :n] = s.image_attention_mask
+    return {"pixel_values": pixel_values, "image_attention_mask": image_attention_mask}
