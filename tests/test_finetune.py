@@ -313,3 +313,37 @@ def test_config_errors():
         FinetuneConfig(data="d", output_dir="o", model="m", train="half").validate()
     with pytest.raises(ValueError, match="on_bad_sample"):
         FinetuneConfig(data="d", output_dir="o", model="m", on_bad_sample="ignore").validate()
+
+
+def test_accumulation_equals_a_bigger_batch_and_eval_is_logged(llava, tmp_path):
+    folder, data = llava
+    big = run(
+        FinetuneConfig(
+            data=str(data),
+            output_dir=str(tmp_path / "big"),
+            model=str(folder),
+            train="full",
+            max_steps=2,
+            batch_size=4,
+            lr=1e-3,
+            progress=False,
+        )
+    )
+    accum = run(
+        FinetuneConfig(
+            data=str(data),
+            output_dir=str(tmp_path / "accum"),
+            model=str(folder),
+            train="full",
+            max_steps=2,
+            batch_size=2,
+            grad_accum=2,
+            lr=1e-3,
+            eval_data=str(data),
+            eval_every=1,
+            progress=False,
+        )
+    )
+    assert np.allclose(big.losses, accum.losses, atol=1e-5)
+    records = [json.loads(x) for x in (tmp_path / "accum" / "metrics.jsonl").read_text().splitlines()]
+    assert all("eval_loss" in r and np.isfinite(r["eval_loss"]) and r["tokens_per_s"] > 0 for r in records)
