@@ -1,0 +1,117 @@
+"""The `vlmkit` command line: generate (with visual prompts), chat, info, convert, and its errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from checkpoints import build_llava_checkpoint
+from PIL import Image
+
+import vlmkit
+from vlmkit.cli import chat_loop, convert_command, generate_command, info_command, main
+from vlmkit.vipllava.visual_prompts import draw_visual_prompts
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+BOX = '{"type": "rectangle", "box": [4, 4, 28, 28], "color": "red"}'
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder, _, _ = build_llava_checkpoint(tmp_path_factory.mktemp("m"))
+    image = tmp_path_factory.mktemp("img") / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(image)
+    return folder, image
+
+
+def test_generate_draws_the_visual_prompt_and_answers(checkpoint):
+    folder, image = checkpoint
+    answer = generate_command(
+        str(folder),
+        "What is inside the red box?",
+        images=[str(image)],
+        visual_prompts=[BOX],
+        max_new_tokens=6,
+    )
+    vlm = vlmkit.VLM.load(folder)
+    drawn = draw_visual_prompts(Image.open(image), BOX)
+    assert answer == vlm.generate("What is inside the red box?", images=[drawn], max_new_tokens=6)
+    assert answer != vlm.generate("What is inside the red box?", images=[Image.open(image)], max_new_tokens=6)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlmkit.cli",
+            "generate",
+            "--model",
+            str(folder),
+            "--image",
+            str(image),
+            "--visual-prompt",
+            BOX,
+            "--max-new-tokens",
+            "6",
+            "What is inside the red box?",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.rstrip("\n") == answer
+
+
+def test_chat_streams_and_keeps_the_conversation(checkpoint):
+    folder, image = checkpoint
+    vlm = vlmkit.VLM.load(folder)
+    stdin = io.StringIO(
+        f"/image {image}\n/prompt {BOX}\nWhat shape?\nAnd now?\n/image /no/such.png\nhi\n/quit\n"
+    )
+    stdout = io.StringIO()
+    chat_loop(vlm, {"max_new_tokens": 4}, stdin, stdout)
+    text = stdout.getvalue()
+    drawn = draw_visual_prompts(Image.open(image), BOX)
+    first = vlm.chat(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": drawn}, {"type": "text", "text": "What shape?"}],
+            }
+        ],
+        max_new_tokens=4,
+    )
+    assert text.startswith(
+        f"> > > {first}\n> "
+    )  # a prompt after each line; /image and /prompt answer nothing
+    assert "error:" in text and "no/such.png" in text  # a bad image is reported, the chat goes on
+    assert text.count("> ") == 7
+
+
+def test_info_and_convert(checkpoint, tmp_path):
+    folder, image = checkpoint
+    info = info_command(str(folder))
+    assert info["model_type"] == "llava" and info["dtype"] == "float32"
+    assert info["parameters"] == sum(info["parts"].values()) and "tokenizer.json" in info["files"]
+    out = convert_command(str(folder), str(tmp_path / "bf16"), dtype="bfloat16")
+    model = vlmkit.load_model(out)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert vlmkit.load_processor(out) is not None
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_errors_are_one_line_with_a_non_zero_exit(checkpoint, capsys):
+    folder, _ = checkpoint
+    assert main(["generate", "--model", str(folder), "--image", "/no/such.png", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vlmkit generate: error:" in err and "/no/such.png" in err
+    assert main(["generate", "--model", str(folder), "--visual-prompt", '{"type": "blob"}', "hi"]) == 2
+    assert "needs an --image" in capsys.readouterr().err
+    assert main(["info", "/no/such/folder"]) == 2
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "info", "/no/such/folder"])
