@@ -147,6 +147,16 @@ def worker(impl: str, folder: str, family: str, batch: int, repeats: int) -> Non
     )
 
 
+def run_worker(script: str, impl: str, **flags: object) -> dict:
+    """Run `script --worker impl --flag value ...` in a fresh process; return the JSON it prints last."""
+    command = [sys.executable, script, "--worker", impl]
+    for name, value in flags.items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+    env = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", default="vipllava", choices=["vipllava", "idefics"])
@@ -162,27 +172,9 @@ def main() -> None:
         build_checkpoint(Path(tmp), args.family)
         results = {}
         for impl in ("transformers", "vlmkit"):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--worker",
-                    impl,
-                    "--folder",
-                    tmp,
-                    "--family",
-                    args.family,
-                    "--batch",
-                    str(args.batch),
-                    "--repeats",
-                    str(args.repeats),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-                env={"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"},
+            results[impl] = run_worker(
+                __file__, impl, folder=tmp, family=args.family, batch=args.batch, repeats=args.repeats
             )
-            results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
     ref, ours = results["transformers"], results["vlmkit"]
     print(f"{args.family}, batch {args.batch}, fp32, 2 threads")
     print(f"{'':14s}{'transformers':>14s}{'vlmkit':>10s}{'ratio':>8s}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from forward import build_checkpoint, make_inputs  # noqa: E402
+from forward import build_checkpoint, make_inputs, run_worker  # noqa: E402
 
 
 class Clock:
@@ -99,7 +98,6 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.folder, args.family[0], args.batch, args.new_tokens)
         return
-    env = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin"}
     rows = []
     for family in args.family:
         with tempfile.TemporaryDirectory() as tmp:
@@ -107,27 +105,9 @@ def main() -> None:
             for batch in args.batches:
                 res = {}
                 for impl in ("transformers", "vlmkit"):
-                    out = subprocess.run(
-                        [
-                            sys.executable,
-                            __file__,
-                            "--worker",
-                            impl,
-                            "--folder",
-                            tmp,
-                            "--family",
-                            family,
-                            "--batch",
-                            str(batch),
-                            "--new-tokens",
-                            str(args.new_tokens),
-                        ],
-                        check=True,
-                        capture_output=True,
-                        text=True,
-                        env=env,
+                    res[impl] = run_worker(
+                        __file__, impl, folder=tmp, family=family, batch=batch, new_tokens=args.new_tokens
                     )
-                    res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
                 same = res["transformers"]["tokens"] == res["vlmkit"]["tokens"]
                 rows.append((family, batch, res["transformers"], res["vlmkit"], same))
                 print_row(*rows[-1])
