@@ -11,13 +11,12 @@ vlm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url"
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from vlmkit.idefics.processor import END_OF_UTTERANCE, IMAGE_TOKEN, IdeficsProcessor
+from vlmkit.idefics.processor import END_OF_UTTERANCE, IMAGE_TOKEN, IdeficsProcessor, interleave_images
 from vlmkit.models import load_model, load_processor
 from vlmkit.tokenizer import IncrementalDecoder
 
@@ -50,20 +49,11 @@ class VLM:
         """Processor outputs for a prompt with `<image>` markers where the images go (none: images first)."""
         images = list(images or [])
         if isinstance(self.processor, IdeficsProcessor):
-            pieces = re.split(re.escape(IMAGE_TOKEN), prompt)
-            if len(pieces) == 1 and images:
-                sample = [*images, prompt]
-            elif len(pieces) - 1 != len(images):
-                raise ValueError(
-                    f"the prompt holds {len(pieces) - 1} {IMAGE_TOKEN} markers but {len(images)} "
-                    f"images were given"
-                )
-            else:
-                sample = [
-                    part
-                    for i, piece in enumerate(pieces)
-                    for part in ([piece] if piece else []) + ([images[i]] if i < len(images) else [])
-                ]
+            sample = (
+                [*images, prompt]
+                if images and IMAGE_TOKEN not in prompt
+                else interleave_images(prompt, images)
+            )
             out = self.processor(text=[sample], allow_remote=allow_remote)
         else:
             marker = self.processor.image_token

@@ -5,7 +5,6 @@ before it, as the reference builds them."""
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
@@ -31,6 +30,23 @@ IDEFICS_INSTRUCT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
+
+
+def interleave_images(prompt: str, images: Sequence[Any]) -> list[Any]:
+    """A prompt with one <image> marker per image -> the processor's sample: text pieces and images in
+    order (empty pieces left out)."""
+    pieces = prompt.split(IMAGE_TOKEN)
+    if len(pieces) - 1 != len(images):
+        raise ValueError(
+            f"the prompt holds {len(pieces) - 1} {IMAGE_TOKEN} markers but {len(images)} images were given"
+        )
+    sample: list[Any] = []
+    for i, piece in enumerate(pieces):
+        if piece:
+            sample.append(piece)
+        if i < len(images):
+            sample.append(images[i])
+    return sample
 
 
 def is_url(text: str) -> bool:
@@ -210,18 +226,7 @@ class IdeficsProcessor:
         )
         if not tokenize:
             return prompt
-        pieces = re.split(re.escape(IMAGE_TOKEN), prompt)
-        if len(pieces) - 1 != len(images):
-            raise ValueError(
-                f"the rendered prompt holds {len(pieces) - 1} {IMAGE_TOKEN} markers but the messages carry "
-                f"{len(images)} images"
-            )
-        sample: list[Any] = []
-        for i, piece in enumerate(pieces):
-            if piece:
-                sample.append(piece)
-            if i < len(images):
-                sample.append(images[i])
+        sample = interleave_images(prompt, images)
         return self(text=[sample], **kwargs)
 
     def decode(self, ids: Sequence[int] | torch.Tensor, *, skip_special_tokens: bool = False) -> str:
