@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import vlmkit
-from vlmkit.train.finetune import FinetuneConfig, finetune, merge_lora, select_trainable
+from vlmkit.train.finetune import FinetuneConfig, finetune, merge_lora, param_groups, select_trainable
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "OMP_NUM_THREADS": "1"}
@@ -347,3 +347,39 @@ def test_accumulation_equals_a_bigger_batch_and_eval_is_logged(llava, tmp_path):
     assert np.allclose(big.losses, accum.losses, atol=1e-5)
     records = [json.loads(x) for x in (tmp_path / "accum" / "metrics.jsonl").read_text().splitlines()]
     assert all("eval_loss" in r and np.isfinite(r["eval_loss"]) and r["tokens_per_s"] > 0 for r in records)
+
+
+def test_vision_lr_sets_the_towers_own_rate(llava, tmp_path):
+    folder, data = llava
+    model = vlmkit.load_model(folder)
+    config = FinetuneConfig(data="", output_dir="", model="x", train="full", lr=1e-3, vision_lr=0.0)
+    groups = param_groups(select_trainable(model, config), config)
+    tower = {id(p) for p in model.vision_tower.parameters()}
+    assert [len(g["params"]) for g in groups] == [
+        sum(1 for p in model.parameters() if id(p) not in tower),
+        len(tower),
+    ]
+    assert groups[1]["lr"] == 0.0 and all(id(p) in tower for p in groups[1]["params"])
+    run(
+        FinetuneConfig(
+            data=str(data),
+            output_dir=str(tmp_path / "run"),
+            model=str(folder),
+            train="full",
+            max_steps=2,
+            batch_size=2,
+            lr=1e-2,
+            vision_lr=0.0,
+            progress=False,
+        )
+    )
+    after = vlmkit.load_model(tmp_path / "run" / "final").state_dict()
+    before = vlmkit.load_model(folder).state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and not any(k.startswith("vision_tower.") for k in moved)
+    assert any(k.startswith("multi_modal_projector.") for k in moved)
+    with pytest.raises(ValueError, match="vision_lr"):
+        FinetuneConfig(data="", output_dir="", model="x", vision_lr=-1.0).validate()
+    with pytest.raises(ValueError, match="no vision-tower parameter"):
+        projector = FinetuneConfig(data="", output_dir="", model="x", train="projector", vision_lr=1e-4)
+        param_groups(select_trainable(vlmkit.load_model(folder), projector), projector)

@@ -59,6 +59,9 @@ class FinetuneConfig:
     batch_size: int = 1  # per process and micro-batch
     grad_accum: int = 1
     lr: float = 2e-4
+    vision_lr: float | None = (
+        None  # the vision tower's own rate (None: lr); from scratch it needs a lower one
+    )
     weight_decay: float = 0.0
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
@@ -89,6 +92,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.max_grad_norm < 0 or self.warmup_steps < 0:
             raise ValueError("lr must be > 0, max_grad_norm and warmup_steps >= 0")
+        if self.vision_lr is not None and self.vision_lr < 0:
+            raise ValueError(f"vision_lr must be >= 0 (0 freezes the tower's updates), got {self.vision_lr}")
         if self.processor is None and self.model is None:
             raise ValueError(
                 "with init_config, give processor= (a folder with the tokenizer and processor files)"
@@ -140,6 +145,20 @@ def select_trainable(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"train={config.train!r} leaves nothing to train in this model")
     return model
+
+
+def param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: the vision tower at vision_lr when it is set, the rest
+    at lr. (Trained from random init at the text model's rate, the tower collapses to image-independent
+    features before the text model learns to read them.)"""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if config.vision_lr is None:
+        return [{"params": [p for _, p in trainable]}]
+    vision = [p for n, p in trainable if "vision_tower." in n or "vision_model." in n]
+    rest = [p for n, p in trainable if not ("vision_tower." in n or "vision_model." in n)]
+    if not vision:
+        raise ValueError("vision_lr is set but no vision-tower parameter is trainable in this mode")
+    return [{"params": rest}, {"params": vision, "lr": config.vision_lr}]
 
 
 def set_gradient_checkpointing(model: nn.Module, on: bool) -> None:
@@ -310,8 +329,9 @@ def _train(
     global_batch = config.batch_size * config.grad_accum * world
     steps_per_epoch = max(1, len(samples) // global_batch)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    groups = param_groups(model, config)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_lambda(s, warmup=config.warmup_steps, total=total_steps, min_ratio=config.min_lr_ratio),
