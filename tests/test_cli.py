@@ -15,7 +15,7 @@ from checkpoints import build_llava_checkpoint
 from PIL import Image
 
 import vlmkit
-from vlmkit.cli import chat_loop, convert_command, generate_command, info_command, main
+from vlmkit.cli import bench_command, chat_loop, convert_command, generate_command, info_command, main
 from vlmkit.vipllava.visual_prompts import draw_visual_prompts
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -33,8 +33,8 @@ def checkpoint(tmp_path_factory):
 def test_generate_draws_the_visual_prompt_and_answers(checkpoint):
     folder, image = checkpoint
     answer = generate_command(
-        str(folder),
         "What is inside the red box?",
+        str(folder),
         images=[str(image)],
         visual_prompts=[BOX],
         max_new_tokens=6,
@@ -115,3 +115,16 @@ def test_errors_are_one_line_with_a_non_zero_exit(checkpoint, capsys):
     assert main(["info", "/no/such/folder"]) == 2
     with pytest.raises(FileNotFoundError):
         main(["--debug", "info", "/no/such/folder"])
+
+
+def test_bench_reports_what_it_measured(checkpoint, capsys):
+    folder, image = checkpoint
+    r = bench_command(str(folder), batch_size=2, new_tokens=4, image=str(image), repeats=1)
+    assert r["model_type"] == "llava" and r["batch_size"] == 2 and r["new_tokens"] == 4
+    assert r["prompt_tokens"] > 4 and r["ttft_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_rss_gb"] > 0
+    assert r["parameters"] == info_command(str(folder))["parameters"] and r["peak_cuda_gb"] is None
+    assert main(["bench", "--model", str(folder), "--new-tokens", "3", "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["new_tokens"] == 3 and out["batch_size"] == 1
+    assert main(["bench", "--model", str(folder), "--new-tokens", "1"]) == 2
+    assert "new_tokens >= 2" in capsys.readouterr().err

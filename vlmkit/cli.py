@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ def finetune_parser(sub: argparse._SubParsersAction) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lora_dropout", "lr", "weight_decay", "min_lr_ratio", "max_grad_norm"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
+    p.add_argument("--vision-lr", type=float, help="the vision tower's learning rate (default: --lr)")
     p.add_argument("--eval-data")
     p.add_argument("--on-bad-sample", choices=("skip", "error"), default=defaults.on_bad_sample)
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -122,9 +124,13 @@ def prompted_images(paths: Sequence[str], prompts: Sequence[str]) -> list:
     return images
 
 
+DEFAULT_MODEL = "demo"  # the built-in ViP-LLaVA demo model; "demo-idefics" is the IDEFICS one
+MODEL_HELP = "checkpoint folder, hub id, or built-in demo model: demo (ViP-LLaVA, the default), demo-idefics"
+
+
 def generate_command(
-    model: str,
     prompt: str,
+    model: str = DEFAULT_MODEL,
     *,
     images: Sequence[str] = (),
     visual_prompts: Sequence[str] = (),
@@ -136,14 +142,14 @@ def generate_command(
     from vlmkit.vlm import VLM
 
     pictures = prompted_images(images, visual_prompts)
-    vlm = VLM.load(model, dtype=dtype, device=device)
+    vlm = VLM.load(model, dtype=dtype, device=device, progress=True)
     return vlm.generate(prompt, images=pictures, **settings)
 
 
 def generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="answer one prompt about one or more images")
     p.add_argument("prompt")
-    p.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--image", action="append", default=[], help="an image path (repeat for several)")
     p.add_argument(
         "--visual-prompt",
@@ -156,8 +162,8 @@ def generate_parser(sub: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         print(
             generate_command(
-                args.model,
                 args.prompt,
+                args.model,
                 images=args.image,
                 visual_prompts=args.visual_prompt,
                 dtype=args.dtype,
@@ -216,14 +222,17 @@ def chat_parser(sub: argparse._SubParsersAction) -> None:
         "message, /prompt JSON draws a visual prompt on it, /reset forgets the "
         "conversation, /quit ends.",
     )
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     sampling_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
         from vlmkit.vlm import VLM
 
         chat_loop(
-            VLM.load(args.model, dtype=args.dtype, device=args.device), sampling(args), sys.stdin, sys.stdout
+            VLM.load(args.model, dtype=args.dtype, device=args.device, progress=True),
+            sampling(args),
+            sys.stdin,
+            sys.stdout,
         )
         return 0
 
@@ -301,6 +310,112 @@ def convert_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def bench_command(
+    model: str = DEFAULT_MODEL,
+    *,
+    batch_size: int = 1,
+    new_tokens: int = 32,
+    prompt: str = "Describe the image.",
+    image: str | None = None,
+    repeats: int = 3,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Load time, time to first token, decode speed and peak memory of greedy generation: `batch_size`
+    copies of one prompt and image, exactly `new_tokens` new tokens each, the median of `repeats` runs."""
+    import resource
+    import statistics
+    import time
+
+    import torch
+
+    from vlmkit.demo.shapes import random_scene, render
+    from vlmkit.vlm import VLM
+
+    if batch_size < 1 or new_tokens < 2 or repeats < 1:
+        raise ValueError(
+            f"need batch_size >= 1, new_tokens >= 2 and repeats >= 1, got {batch_size}, {new_tokens}, {repeats}"
+        )
+    start = time.perf_counter()
+    vlm = VLM.load(model, dtype=dtype, device=device, progress=True)
+    load_s = time.perf_counter() - start
+    if image is not None:
+        picture = prompted_images([image], [])[0]
+    else:  # a shapes-world scene: any picture costs the same
+        import random
+
+        picture = render(random_scene(random.Random(0), 336, 3), 336)
+    one = vlm.inputs(prompt, [picture])
+    inputs = {k: v.repeat(batch_size, *([1] * (v.dim() - 1))) for k, v in one.items()}
+    settings = vlm._settings({"max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
+    ttft, decode = [], []
+    for _ in range(repeats):
+        if vlm.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        times = []
+        for _tokens in vlm.model.stream_tokens(**inputs, **settings):
+            if vlm.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+        ttft.append(times[0] - t0)
+        decode.append(batch_size * (len(times) - 1) / (times[-1] - times[0]))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {
+        "model": model,
+        "model_type": vlm.model.config.to_hf()["model_type"],
+        "parameters": sum(p.numel() for p in vlm.model.parameters()),
+        "dtype": str(next(vlm.model.parameters()).dtype).removeprefix("torch."),
+        "device": str(vlm.device),
+        "batch_size": batch_size,
+        "prompt_tokens": int(one["input_ids"].shape[1]),
+        "new_tokens": new_tokens,
+        "load_s": load_s,
+        "ttft_s": statistics.median(ttft),
+        "decode_tok_s": statistics.median(decode),
+        "peak_rss_gb": rss / 1e9,
+        "peak_cuda_gb": torch.cuda.max_memory_allocated() / 1e9 if vlm.device.type == "cuda" else None,
+    }
+
+
+def bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time to first token, decode tokens/s and peak memory of generation")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt", default="Describe the image.")
+    p.add_argument("--image", help="an image path (default: a generated picture)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+
+    def run(args: argparse.Namespace) -> int:
+        r = bench_command(
+            args.model,
+            batch_size=args.batch_size,
+            new_tokens=args.new_tokens,
+            prompt=args.prompt,
+            image=args.image,
+            repeats=args.repeats,
+            dtype=args.dtype,
+            device=args.device,
+        )
+        if args.json:
+            print(json.dumps(r))
+            return 0
+        print(
+            f"{r['model']} ({r['model_type']}, {r['parameters']:,} parameters, {r['dtype']}, {r['device']})\n"
+            f"  batch {r['batch_size']}, {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens\n"
+            f"  load {r['load_s']:.2f} s   first token {r['ttft_s'] * 1000:.1f} ms   "
+            f"decode {r['decode_tok_s']:.1f} tok/s   peak RSS {r['peak_rss_gb']:.2f} GB"
+            + (f"   peak CUDA {r['peak_cuda_gb']:.2f} GB" if r["peak_cuda_gb"] is not None else "")
+        )
+        return 0
+
+    p.set_defaults(run=run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vlmkit", description="run, serve and fine-tune vision-language models"
@@ -314,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         convert_parser,
         finetune_parser,
         merge_lora_parser,
+        bench_parser,
     ):
         add(sub)
     args = parser.parse_args(argv)

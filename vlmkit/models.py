@@ -66,10 +66,12 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     revision: str | None = None,
+    progress: bool = False,
 ) -> nn.Module:
     """Load a published (or transformers-saved, or vlmkit-saved) checkpoint.
 
-    dtype: None or "auto" keeps the checkpoint's floating dtype; device: where the weights go (default CPU).
+    dtype: None or "auto" keeps the checkpoint's floating dtype; device: where the weights go (default CPU);
+    progress: a loading bar on stderr when it is a terminal.
     The model is built on the meta device and the tensors are assigned, so nothing is allocated twice.
     """
     folder = resolve_checkpoint(path_or_repo_id, revision=revision)
@@ -80,7 +82,7 @@ def load_model(
     dtype = parse_dtype(dtype) or checkpoint_dtype(tensors)
     with torch.device("meta"):
         model = family.model_cls(config)
-    load_weights(model, tensors, dtype=dtype, device=device, source=str(folder))
+    load_weights(model, tensors, dtype=dtype, device=device, source=str(folder), progress=progress)
     del tensors  # the model holds the tensors now; relayout below must not keep a second copy alive
     if next(model.parameters()).device.type == "cpu":
         optimize_for_cpu_inference(model)

@@ -36,8 +36,10 @@ class VLM:
         *,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        progress: bool = False,
     ) -> VLM:
-        return cls(load_model(path_or_repo_id, dtype=dtype, device=device), load_processor(path_or_repo_id))
+        model = load_model(path_or_repo_id, dtype=dtype, device=device, progress=progress)
+        return cls(model, load_processor(path_or_repo_id))
 
     @property
     def device(self) -> torch.device:

@@ -8,6 +8,7 @@ are dropped. Everything else must line up with the model exactly, or one error l
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -52,13 +53,32 @@ class CheckpointError(ValueError):
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
 
+# The small models trained on the shapes world that ship inside the package (`make demo-models` rebuilds them).
+BUILTIN_MODELS = {"demo": "vipllava", "demo-vipllava": "vipllava", "demo-idefics": "idefics"}
+BUILTIN_DIR = Path(__file__).parent / "demo" / "models"
+
+
+def builtin_model(name: str) -> Path:
+    """The folder of a built-in demo model ("demo" is the ViP-LLaVA one)."""
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name!r}; built-in: {', '.join(BUILTIN_MODELS)}")
+    folder = BUILTIN_DIR / BUILTIN_MODELS[name]
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"built-in model {name!r} is missing from this install ({folder}); rebuild it with `make demo-models`"
+        )
+    return folder
+
+
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """A local folder as it is, or a hub repo id fetched through `huggingface_hub` (its cache; offline mode
-    via `HF_HUB_OFFLINE=1` is respected)."""
+    """A local folder as it is, a built-in demo model by name ("demo", "demo-idefics"), or a hub repo id
+    fetched through `huggingface_hub` (its cache; offline mode via `HF_HUB_OFFLINE=1` is respected)."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
     text = str(path_or_repo_id)
+    if text in BUILTIN_MODELS:
+        return builtin_model(text)
     looks_local = (
         path.exists() or text.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text)
     )
@@ -270,9 +290,11 @@ def load_weights(
     dtype: torch.dtype | None,
     device: torch.device | str | None,
     source: str = "checkpoint",
+    progress: bool = False,
 ) -> None:
     """Read `tensors` (already in our key names) into a meta-built `model`. Missing, unexpected and
-    wrong-shaped tensors are reported together in one CheckpointError, before anything is read."""
+    wrong-shaped tensors are reported together in one CheckpointError, before anything is read.
+    progress: a bar on stderr (when it is a terminal) counting the bytes read."""
     aliases = tied_parameters(model)
     expected = {k: v for k, v in model.state_dict().items() if k not in aliases}
     for alias, owner in aliases.items():  # a tied head stored explicitly is the same tensor: accept it once
@@ -296,7 +318,21 @@ def load_weights(
                 parts.append(f"  {len(items)} {title}:\n    {shown}")
         parts.append("Check that config.json belongs to these weights (same model size and type).")
         raise CheckpointError("\n".join(parts))
-    state = {k: ref.load(device=device, dtype=dtype) for k, ref in tensors.items()}
+    from tqdm.auto import tqdm
+
+    total = sum(math.prod(r.shape) * r.dtype.itemsize for r in tensors.values())
+    state = {}
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="loading",
+        disable=None if progress else True,
+        leave=False,
+    ) as bar:
+        for k, ref in tensors.items():
+            state[k] = ref.load(device=device, dtype=dtype)
+            bar.update(math.prod(ref.shape) * ref.dtype.itemsize)
     model.load_state_dict(state, assign=True, strict=False)
     for alias, owner in aliases.items():  # assign=True replaced the owner; point the alias at it again
         parent, _, leaf = alias.rpartition(".")
