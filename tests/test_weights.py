@@ -177,3 +177,21 @@ def test_checkpoint_dtype_is_kept_by_default(reference, tmp_path):
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float16"
     assert next(vlmkit.load_model(tmp_path).parameters()).dtype == torch.float16
+
+
+def test_half_storage_loads_in_the_configs_dtype_as_transformers_does(reference, tmp_path):
+    from safetensors import safe_open
+    from transformers import VipLlavaForConditionalGeneration
+
+    model = vlmkit.load_model(reference[2])
+    model.save_pretrained(tmp_path, storage_dtype=torch.float16)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"
+    ours = vlmkit.load_model(tmp_path)
+    theirs = VipLlavaForConditionalGeneration.from_pretrained(tmp_path).eval()  # dtype "auto" by default
+    assert next(ours.parameters()).dtype == next(theirs.parameters()).dtype == torch.float32
+    inputs = reference[3]
+    assert (logits_of(ours, inputs) - logits_of(theirs, inputs)).abs().max().item() < 1e-4
+    assert (logits_of(ours, inputs) - reference[4]).abs().max().item() > 0  # the weights were rounded
+    assert next(vlmkit.load_model(tmp_path, dtype="float16").parameters()).dtype == torch.float16

@@ -70,7 +70,7 @@ def load_model(
 ) -> nn.Module:
     """Load a published (or transformers-saved, or vlmkit-saved) checkpoint.
 
-    dtype: None or "auto" keeps the checkpoint's floating dtype; device: where the weights go (default CPU);
+    dtype: None or "auto" is config.json's dtype, else the stored one; device: where the weights go (default CPU);
     progress: a loading bar on stderr when it is a terminal.
     The model is built on the meta device and the tensors are assigned, so nothing is allocated twice.
     """
@@ -79,7 +79,7 @@ def load_model(
     family = family_for(raw, str(folder / "config.json"))
     config = family.config_cls.from_hf(raw)
     tensors = remap_keys(read_tensors(weight_files(folder)), family.key_map, family.ignore)
-    dtype = parse_dtype(dtype) or checkpoint_dtype(tensors)
+    dtype = parse_dtype(dtype) or checkpoint_dtype(tensors, raw)
     with torch.device("meta"):
         model = family.model_cls(config)
     load_weights(model, tensors, dtype=dtype, device=device, source=str(folder), progress=progress)

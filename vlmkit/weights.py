@@ -342,7 +342,13 @@ def load_weights(
         raise CheckpointError(f"{source}: tensors left unset after loading: {still_meta[:10]}")
 
 
-def checkpoint_dtype(tensors: dict[str, TensorRef]) -> torch.dtype:
+def checkpoint_dtype(tensors: dict[str, TensorRef], config: dict[str, Any] | None = None) -> torch.dtype:
+    """The dtype "auto" means, as the reference reads it: config.json's `dtype` (or older `torch_dtype`)
+    when it names a floating dtype, else the first floating tensor's dtype. (A checkpoint may be stored in
+    half precision to save space and still be meant to run in float32.)"""
+    named = (config or {}).get("dtype") or (config or {}).get("torch_dtype")
+    if isinstance(named, str) and DTYPES.get(named.removeprefix("torch.")) is not None:
+        return DTYPES[named.removeprefix("torch.")]
     for t in tensors.values():
         if t.dtype.is_floating_point:
             return t.dtype
@@ -391,13 +397,32 @@ def _atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
 class SavePretrainedMixin:
     """`save_pretrained` for models with a `config` that has `to_hf()`."""
 
-    def save_pretrained(self, folder: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Write safetensors + config.json that both vlmkit and transformers load back."""
-        save_checkpoint(self, folder, self.config.to_hf(), max_shard_bytes=max_shard_bytes)  # type: ignore[attr-defined]
+    def save_pretrained(
+        self,
+        folder: str | os.PathLike,
+        *,
+        max_shard_bytes: int = 5 * 2**30,
+        storage_dtype: torch.dtype | None = None,
+    ) -> None:
+        """Write safetensors + config.json that both vlmkit and transformers load back.
+        storage_dtype: store floating tensors in this dtype (e.g. float16 to halve the files) while
+        config.json keeps the model's dtype, which loading with dtype "auto" restores."""
+        save_checkpoint(
+            self,
+            folder,
+            self.config.to_hf(),  # type: ignore[attr-defined]
+            max_shard_bytes=max_shard_bytes,
+            storage_dtype=storage_dtype,
+        )
 
 
 def save_checkpoint(
-    model: nn.Module, folder: str | os.PathLike, config: dict[str, Any], *, max_shard_bytes: int = 5 * 2**30
+    model: nn.Module,
+    folder: str | os.PathLike,
+    config: dict[str, Any],
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    storage_dtype: torch.dtype | None = None,
 ) -> None:
     """Write config.json and the weights (one safetensors file, or shards plus an index) atomically.
 
@@ -409,6 +434,8 @@ def save_checkpoint(
     aliases = tied_parameters(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
     dtype = checkpoint_dtype(state)
+    if storage_dtype is not None:
+        state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k, t in state.items():
