@@ -103,7 +103,9 @@ def test_text_only_equals_reference_with_an_all_zero_image_mask(tmp_path_factory
     with torch.no_grad():
         ref = hf(**inputs).logits  # the reference needs an image; the mask hides it from every token
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        masked = model(**inputs).logits  # what the processor gives a text-only prompt: one unused image
     assert diff(out, ref, inputs["attention_mask"]) < TOL
+    assert diff(masked, ref, inputs["attention_mask"]) < TOL
 
 
 def test_loss_over_all_columns(tmp_path_factory):

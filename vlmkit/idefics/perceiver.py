@@ -81,6 +81,8 @@ class PerceiverResampler(nn.Module):
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         """Image states (N, S, C) -> resampled latents (N, n_latents, C)."""
         x = self.latents.expand(context.shape[0], -1, -1)
+        if context.shape[0] == 0:  # no image in use (a text-only prompt's zero-padded image)
+            return x.to(context.dtype)
         for attn, mlp in self.blocks:
             x = x + attn(context, x)
             x = x + mlp(x)
