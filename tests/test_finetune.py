@@ -352,14 +352,17 @@ def test_accumulation_equals_a_bigger_batch_and_eval_is_logged(llava, tmp_path):
 def test_vision_lr_sets_the_towers_own_rate(llava, tmp_path):
     folder, data = llava
     model = vlmkit.load_model(folder)
-    config = FinetuneConfig(data="", output_dir="", model="x", train="full", lr=1e-3, vision_lr=0.0)
+    config = FinetuneConfig(data="", output_dir="", model="x", train="full", lr=1e-3, vision_lr=1e-4)
     groups = param_groups(select_trainable(model, config), config)
     tower = {id(p) for p in model.vision_tower.parameters()}
     assert [len(g["params"]) for g in groups] == [
         sum(1 for p in model.parameters() if id(p) not in tower),
         len(tower),
     ]
-    assert groups[1]["lr"] == 0.0 and all(id(p) in tower for p in groups[1]["params"])
+    assert groups[1]["lr"] == 1e-4 and all(id(p) in tower for p in groups[1]["params"])
+    frozen = FinetuneConfig(data="", output_dir="", model="x", train="full", vision_lr=0.0)
+    groups = param_groups(select_trainable(model, frozen), frozen)
+    assert len(groups) == 1 and not any(p.requires_grad for p in model.vision_tower.parameters())
     run(
         FinetuneConfig(
             data=str(data),

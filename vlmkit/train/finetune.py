@@ -148,16 +148,21 @@ def select_trainable(model: nn.Module, config: FinetuneConfig) -> nn.Module:
 
 
 def param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:
-    """The trainable parameters as optimizer groups: the vision tower at vision_lr when it is set, the rest
-    at lr. (Trained from random init at the text model's rate, the tower collapses to image-independent
-    features before the text model learns to read them.)"""
+    """The trainable parameters as optimizer groups: the vision tower at vision_lr when it is set (0 freezes
+    it: no gradient is computed for it), the rest at lr. (Trained from random init at the text model's
+    rate, the tower collapses to image-independent features before the text model learns to read them.)"""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if config.vision_lr is None:
         return [{"params": [p for _, p in trainable]}]
-    vision = [p for n, p in trainable if "vision_tower." in n or "vision_model." in n]
-    rest = [p for n, p in trainable if not ("vision_tower." in n or "vision_model." in n)]
+    in_tower = [("vision_tower." in n or "vision_model." in n) for n, _ in trainable]
+    vision = [p for (_, p), t in zip(trainable, in_tower, strict=True) if t]
+    rest = [p for (_, p), t in zip(trainable, in_tower, strict=True) if not t]
     if not vision:
         raise ValueError("vision_lr is set but no vision-tower parameter is trainable in this mode")
+    if config.vision_lr == 0:
+        for p in vision:
+            p.requires_grad_(False)
+        return [{"params": rest}]
     return [{"params": rest}, {"params": vision, "lr": config.vision_lr}]
 
 
