@@ -416,6 +416,56 @@ def bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server with continuous batching",
+        description="POST /v1/chat/completions and /v1/completions (stream: true for server-sent events), "
+        "GET /v1/models, /health, /metrics, and a page at / to chat and draw visual prompts.",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and /")
+    p.add_argument("--allow-remote-images", action="store_true", help="accept http(s) image URLs")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + completion tokens per request")
+    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
+    p.add_argument("--max-body-bytes", type=int, default=20 * 2**20)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--feature-cache", type=int, default=256, help="images whose features are kept")
+    p.add_argument("--dtype")
+    p.add_argument("--device")
+
+    def run(args: argparse.Namespace) -> int:
+        from vlmkit.serve.server import ServerLimits, serve
+
+        serve(
+            args.model,
+            host=args.host,
+            port=args.port,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            max_seq_len=args.max_seq_len,
+            feature_cache=args.feature_cache,
+            limits=ServerLimits(
+                max_body_bytes=args.max_body_bytes,
+                max_images=args.max_images,
+                max_image_pixels=args.max_image_pixels,
+                request_timeout=args.timeout,
+                allow_remote_images=args.allow_remote_images,
+                api_key=args.api_key,
+            ),
+            dtype=args.dtype,
+            device=args.device,
+        )
+        return 0
+
+    p.set_defaults(run=run)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vlmkit", description="run, serve and fine-tune vision-language models"
@@ -430,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finetune_parser,
         merge_lora_parser,
         bench_parser,
+        serve_parser,
     ):
         add(sub)
     args = parser.parse_args(argv)
