@@ -41,8 +41,17 @@ def test_generate_draws_the_visual_prompt_and_answers(checkpoint):
     )
     vlm = vlmkit.VLM.load(folder)
     drawn = draw_visual_prompts(Image.open(image), BOX)
-    assert answer == vlm.generate("What is inside the red box?", images=[drawn], max_new_tokens=6)
-    assert answer != vlm.generate("What is inside the red box?", images=[Image.open(image)], max_new_tokens=6)
+
+    def turn(picture):
+        content = [{"type": "image", "image": picture}, {"type": "text", "text": "What is inside the red box?"}]
+        return [{"role": "user", "content": content}]
+
+    assert answer == vlm.chat(turn(drawn), max_new_tokens=6)  # through the chat template
+    assert answer != vlm.chat(turn(Image.open(image)), max_new_tokens=6)
+    raw = generate_command(
+        "<image>\nWhat is inside?", str(folder), images=[str(image)], raw=True, max_new_tokens=6
+    )
+    assert raw == vlm.generate("<image>\nWhat is inside?", images=[Image.open(image)], max_new_tokens=6)
     out = subprocess.run(
         [
             sys.executable,

@@ -136,14 +136,20 @@ def generate_command(
     visual_prompts: Sequence[str] = (),
     dtype: str | None = None,
     device: str | None = None,
+    raw: bool = False,
     **settings: Any,
 ) -> str:
-    """The answer of `model` to `prompt` about `images` (visual prompts drawn on the first image)."""
+    """The answer of `model` to `prompt` about `images` (visual prompts drawn on the first image): one user
+    turn through the checkpoint's chat template, or with raw=True the prompt as it is (`<image>` markers
+    where the images go; none: images first)."""
     from vlmkit.vlm import VLM
 
     pictures = prompted_images(images, visual_prompts)
     vlm = VLM.load(model, dtype=dtype, device=device, progress=True)
-    return vlm.generate(prompt, images=pictures, **settings)
+    if raw:
+        return vlm.generate(prompt, images=pictures, **settings)
+    content = [{"type": "image", "image": p} for p in pictures] + [{"type": "text", "text": prompt}]
+    return vlm.chat([{"role": "user", "content": content}], **settings)
 
 
 def generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -157,6 +163,9 @@ def generate_parser(sub: argparse._SubParsersAction) -> None:
         default=[],
         help='JSON drawn on the first image, e.g. {"type": "rectangle", "box": [10, 10, 90, 90]}',
     )
+    p.add_argument(
+        "--raw", action="store_true", help="send the prompt as it is instead of through the chat template"
+    )
     sampling_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -168,6 +177,7 @@ def generate_parser(sub: argparse._SubParsersAction) -> None:
                 visual_prompts=args.visual_prompt,
                 dtype=args.dtype,
                 device=args.device,
+                raw=args.raw,
                 **sampling(args),
             )
         )
