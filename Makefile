@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 
-.PHONY: test demo lint setup clean
+.PHONY: test demo demo-models demo-model-vipllava demo-model-idefics lint setup clean
 
 # The venv is built once; the stamp is refreshed whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -20,9 +20,18 @@ setup: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
-# Until the built-in demo models land, the demo shows what works today: exact parity with transformers.
+# The built-in demo models answer questions about hand-made pictures with visual prompts (offline).
 demo: $(BIN)/.installed
-	TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1 $(BIN)/python examples/parity.py
+	@HF_HUB_OFFLINE=1 VLMKIT=$(BIN)/vlmkit examples/demo.sh
+
+# Rebuild the built-in demo models from nothing (tokenizer, data, training, held-out accuracy), both at once.
+demo-models: $(BIN)/.installed
+	$(BIN)/python -m vlmkit.demo.shapes --handmade
+	$(MAKE) -j2 demo-model-vipllava demo-model-idefics
+
+demo-model-%: $(BIN)/.installed
+	rm -rf build/demo-$*
+	OMP_NUM_THREADS=1 $(BIN)/python -m vlmkit.demo.build build/demo-$* --family $* --install
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check vlmkit tests examples benchmarks

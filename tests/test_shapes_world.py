@@ -8,10 +8,25 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_processors import idefics_folders, llava_folders
 
 import vlmkit
-from vlmkit.demo.shapes import COLORS, NUMBERS, SHAPES, make_example, random_scene, render, write_dataset
+from vlmkit.demo.shapes import (
+    COLORS,
+    EXAMPLES,
+    NUMBERS,
+    SHAPES,
+    Shape,
+    cell_of,
+    describe,
+    draw_handmade,
+    handmade,
+    make_example,
+    random_scene,
+    render,
+    write_dataset,
+)
 from vlmkit.train.data import load_conversations
 
 
@@ -35,7 +50,7 @@ def test_answers_are_right_by_construction():
         ex = make_example(rng, kind)
         kinds[ex.kind] += 1
         if kind == "box_shape":
-            assert ex.answer in SHAPES and "rectangle" in ex.question
+            assert ex.answer in SHAPES and ("rectangle" in ex.question or "ellipse" in ex.question)
         elif kind == "arrow_color":
             assert ex.answer in COLORS
         elif kind == "count":
@@ -43,7 +58,7 @@ def test_answers_are_right_by_construction():
         elif kind == "which_image":
             assert len(ex.images) == 2 and ex.answer in ("the first", "the second")
         else:
-            assert ex.answer.startswith("a ")
+            assert ex.answer.startswith(("a ", "an "))
     assert len(kinds) == 5
 
 
@@ -77,3 +92,30 @@ def test_datasets_load_for_training(family, tmp_path):
     samples, report = load_conversations(path, vlmkit.load_processor(folder), max_length=4096)
     assert report.kept == 8, report.summary()
     assert all((s.labels != -100).any() for s in samples)
+
+
+def test_one_shape_per_cell():
+    rng = random.Random(4)
+    for _ in range(50):
+        shapes = random_scene(rng, 96, rng.randint(1, 9))
+        cells = [cell_of(s, 96) for s in shapes]
+        assert len(set(cells)) == len(cells)
+        for s in shapes:  # the whole shape stays in its cell: one 32-px patch each
+            row, col = cell_of(s, 96)
+            assert col * 32 <= s.cx - s.r and s.cx + s.r <= (col + 1) * 32
+            assert row * 32 <= s.cy - s.r and s.cy + s.r <= (row + 1) * 32
+    two = [Shape("star", "orange", 80, 16, 9), Shape("circle", "red", 16, 80, 9)]
+    assert describe(two) == "an orange star and a red circle"  # reading order: row by row
+    with pytest.raises(ValueError, match="1 to 9"):
+        random_scene(rng, 96, 10)
+
+
+def test_handmade_scenes_match_their_spec():
+    data = handmade()
+    for name, spec in data["scenes"].items():
+        drawn = np.asarray(draw_handmade(spec, data["size"]))
+        assert np.array_equal(drawn, np.asarray(Image.open(EXAMPLES / f"{name}.png").convert("RGB")))
+        for color, _kind, row, col in spec:
+            centre = drawn[int((row + 0.5) * 96), int((col + 0.5) * 96)]
+            assert tuple(centre) == COLORS[color]
+    assert {q["family"] for q in data["questions"]} == {"vipllava", "idefics"}

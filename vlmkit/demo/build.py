@@ -9,23 +9,39 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from vlmkit.demo.shapes import (
+    ARROW_COLORS,
     COLORS,
+    GRID,
     NUMBERS,
     PROMPT_COLORS,
     QUESTION_TYPES,
     SHAPES,
+    arrow_to,
+    cell_of,
     make_example,
+    random_scene,
+    render,
     write_dataset,
 )
 from vlmkit.images import ImageProcessor
+from vlmkit.vipllava.visual_prompts import draw_visual_prompts
 
-IMAGE_SIZE, PATCH = 96, 12
+IMAGE_SIZE, PATCH = 96, 32  # one patch per cell of the shapes world's 3 x 3 grid
+# question types in turn in the training set; counting and arrows take a small model longest, so twice
+TRAINING_MIX = {
+    "vipllava": ("box_shape", "arrow_color", "count", "caption", "arrow_color", "count"),
+    "idefics": ("count", "caption", "which_image", "count"),
+}
+# pictures are drawn at these sizes and resized to IMAGE_SIZE by the processor, as users' pictures are
+RENDER_SIZES = (96, 144, 192, 288)
 VIP_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}###Human: "
     "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
@@ -33,9 +49,12 @@ VIP_TEMPLATE = (
     "{% else %}###Assistant: {% for p in m['content'] %}{{ p['text'] }}{% endfor %}{{ eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}###Assistant:{% endif %}"
 )
+# The text of a turn comes before its pictures: an IDEFICS token attends only to the latest picture before
+# it, so the token between two pictures can relate the first one to the question only if it has read it.
 IDEFICS_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] | capitalize }}:"
-    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% endif %}{% endfor %}"
     "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
@@ -151,8 +170,8 @@ def write_configs(folder: Path, family: str, ids: dict[str, int]) -> None:
             "num_hidden_layers": 4,
             "num_attention_heads": 4,
             "rms_norm_eps": 1e-5,
-            "cross_layer_interval": 2,
-            "use_resampler": True,
+            "cross_layer_interval": 1,
+            "use_resampler": False,  # cross-attention reads the 9 patch features directly
             "qk_layer_norms": True,
             "alpha_initializer": "normal",
             "alphas_initializer_range": 0.5,
@@ -189,6 +208,103 @@ def write_configs(folder: Path, family: str, ids: dict[str, int]) -> None:
     (folder / "chat_template.jinja").write_text(template)
 
 
+PATCH_LABELS = {
+    "shape": len(SHAPES) + 1,
+    "color": len(COLORS) + 1,
+    "boxed": 2,
+    "arrow_head": 2,
+    "arrow_tail": 2,
+}
+
+
+def labelled_scene(
+    rng: random.Random, size: int | None = None
+) -> tuple[Image.Image, dict[str, torch.Tensor]]:
+    """A scene with (sometimes) a box or ellipse and an arrow drawn on it, and what each grid cell holds:
+    its shape and colour (the last class: none), whether a prompt surrounds it, holds an arrow's head or its
+    tail. One 32-px patch is one cell. size: drawn at this size (default: one of RENDER_SIZES)."""
+    size = size or rng.choice(RENDER_SIZES)
+    shapes = random_scene(rng, size, rng.randint(1, 6))
+    labels = {k: torch.zeros(GRID * GRID, dtype=torch.long) for k in PATCH_LABELS}
+    labels["shape"].fill_(len(SHAPES))
+    labels["color"].fill_(len(COLORS))
+    colors = list(COLORS)
+    for sh in shapes:
+        r, c = cell_of(sh, size)
+        labels["shape"][r * GRID + c] = SHAPES.index(sh.kind)
+        labels["color"][r * GRID + c] = colors.index(sh.color)
+    specs = []
+    if rng.random() < 0.5:
+        target = rng.choice(shapes)
+        prompt, pad = rng.choice((("rectangle", 0.03), ("ellipse", 0.05)))
+        x0, y0, x1, y1 = target.box
+        box = [
+            max(0, x0 - pad * size),
+            max(0, y0 - pad * size),
+            min(size, x1 + pad * size),
+            min(size, y1 + pad * size),
+        ]
+        specs.append({"type": prompt, "box": box, "color": rng.choice(PROMPT_COLORS)})
+        r, c = cell_of(target, size)
+        labels["boxed"][r * GRID + c] = 1
+    if rng.random() < 0.5:
+        target = rng.choice(shapes)
+        points = arrow_to(rng, target, shapes, size)
+        if points is not None:
+            specs.append({"type": "arrow", "points": points, "color": rng.choice(ARROW_COLORS)})
+            r, c = cell_of(target, size)
+            labels["arrow_head"][r * GRID + c] = 1
+            tail = int(points[0][1] // (size / GRID)) * GRID + int(points[0][0] // (size / GRID))
+            labels["arrow_tail"][tail] = 1
+    image = render(shapes, size)
+    return (draw_visual_prompts(image, specs) if specs else image), labels
+
+
+def tower_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What the rest of the model reads from the vision tower, per patch (B, P, C): ViP-LLaVA's tapped layers
+    concatenated, IDEFICS's last layer."""
+    if hasattr(model, "vision_tower"):
+        states = model.vision_tower(pixel_values, layers=model.config.feature_layers)
+    else:
+        states = model.model.vision_model(pixel_values, layers=(-1,))
+    return torch.cat([s[:, 1:] for s in states], dim=-1)
+
+
+def pretrain_tower(
+    model: torch.nn.Module,
+    processor,
+    *,
+    steps: int = 500,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Stage 1, as real VLMs start from a pretrained CLIP: teach the vision tower the shapes world by
+    predicting, for each patch, what its cell holds (PATCH_LABELS) through throw-away linear heads.
+    Returns the last batch's per-patch accuracy for each label."""
+    rng = random.Random(seed + 1)
+    torch.manual_seed(seed)
+    tower = model.vision_tower if hasattr(model, "vision_tower") else model.model.vision_model
+    dim = tower_features(model, torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).shape[-1]
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, n) for k, n in PATCH_LABELS.items()})
+    optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=lr, weight_decay=0.01)
+    image_processor = processor.image_processor
+    accuracy: dict[str, float] = {}
+    for _ in range(steps):
+        images, labels = zip(*(labelled_scene(rng) for _ in range(batch_size)), strict=True)
+        features = tower_features(model, image_processor.preprocess(list(images)))  # (B, 9, C)
+        loss = 0.0
+        for name, head in heads.items():
+            logits = head(features)
+            target = torch.stack([lab[name] for lab in labels])
+            loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+            accuracy[name] = float((logits.argmax(-1) == target).float().mean())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return accuracy
+
+
 def accuracy(model_dir: Path, family: str, n: int = 200, seed: int = 12345) -> dict[str, float]:
     """Greedy answers to n freshly generated questions per type, exact match."""
     from vlmkit.vlm import VLM
@@ -216,29 +332,48 @@ def build(
     rows: int,
     steps: int,
     batch_size: int = 16,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
+    vision_lr: float = 0.0,
+    tower_steps: int = 500,
     seed: int = 0,
     eval_rows: int = 200,
+    install_as_builtin: bool = False,
 ) -> dict[str, float]:
-    """Train a demo model into out/run/final; returns held-out accuracy per question type (eval_rows each)."""
+    """Train a demo model into out/run/final (and install it as the built-in one); returns the held-out
+    accuracy per question type (eval_rows each) of what was installed, else of out/run/final.
+
+    Two stages, as LLaVA and IDEFICS were built on a pretrained CLIP: (1) `pretrain_tower` teaches the
+    randomly initialised vision tower what each patch holds; (2) `finetune` trains the rest from that
+    checkpoint on the questions, the tower frozen (vision_lr 0) or at vision_lr. (Trained from random init
+    at the text model's rate, the tower collapses to image-independent features before the text model
+    learns to read them; at a tenth of it, runs still collapse now and then.)"""
+    from vlmkit.models import init_model, load_processor
     from vlmkit.train.finetune import FinetuneConfig, finetune
+    from vlmkit.weights import read_config_file
 
     out = Path(out)
     base = out / "base"
     base.mkdir(parents=True, exist_ok=True)
     write_configs(base, family, build_tokenizer(base, family))
-    data = write_dataset(out / "data", rows, family=family, seed=seed, size=IMAGE_SIZE)
+    if not (base / "model.safetensors").is_file():
+        model = init_model(read_config_file(base / "config.json"), seed=seed)
+        tower_accuracy = pretrain_tower(model, load_processor(base), steps=tower_steps, seed=seed)
+        print(f"stage 1: vision tower per-patch accuracy {json.dumps(tower_accuracy)}", flush=True)
+        model.save_pretrained(base)
+    data = write_dataset(
+        out / "data", rows, family=family, seed=seed, kinds=TRAINING_MIX[family], sizes=RENDER_SIZES
+    )
     torch.manual_seed(seed)
     finetune(
         FinetuneConfig(
             data=str(data),
             output_dir=str(out / "run"),
-            init_config=str(base / "config.json"),
-            processor=str(base),
+            model=str(base),
             train="full",
             max_steps=steps,
             batch_size=batch_size,
             lr=lr,
+            vision_lr=vision_lr,
             warmup_steps=min(200, steps // 10),
             min_lr_ratio=0.05,
             weight_decay=0.01,
@@ -248,7 +383,26 @@ def build(
             resume=True,
         )
     )
-    return accuracy(out / "run" / "final", family, n=eval_rows)
+    final = out / "run" / "final"
+    if install_as_builtin:
+        final = install(final, family)
+        print(f"installed in {final}", flush=True)
+    return accuracy(final, family, n=eval_rows)
+
+
+def install(final: Path, family: str) -> Path:
+    """Put a trained model into the package as a built-in demo model: weights stored in float16 (half the
+    size; config.json says float32, so it loads and runs in float32) and its processor files."""
+    from vlmkit.models import load_model
+    from vlmkit.train.finetune import copy_processor_files
+    from vlmkit.weights import BUILTIN_DIR
+
+    target = BUILTIN_DIR / family
+    if target.exists():
+        shutil.rmtree(target)
+    load_model(final).save_pretrained(target, storage_dtype=torch.float16)
+    copy_processor_files(final, target)
+    return target
 
 
 def main() -> None:
@@ -258,20 +412,27 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    args = ap.parse_args()
-    print(
-        json.dumps(
-            build(
-                args.out,
-                args.family,
-                rows=args.rows,
-                steps=args.steps,
-                batch_size=args.batch_size,
-                lr=args.lr,
-            )
-        )
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--vision-lr", type=float, default=0.0, help="stage 2's rate for the tower (0: frozen)")
+    ap.add_argument("--tower-steps", type=int, default=500, help="stage 1: vision-tower pretraining steps")
+    ap.add_argument("--eval-rows", type=int, default=200, help="held-out questions per type")
+    ap.add_argument(
+        "--install", action="store_true", help="copy the result into the package's built-in models"
     )
+    args = ap.parse_args()
+    scores = build(
+        args.out,
+        args.family,
+        rows=args.rows,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        vision_lr=args.vision_lr,
+        tower_steps=args.tower_steps,
+        eval_rows=args.eval_rows,
+        install_as_builtin=args.install,
+    )
+    print(json.dumps({"family": args.family, "held_out_accuracy": scores}))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ COLORS = {
     "orange": (245, 130, 20),
 }
 PROMPT_COLORS = ("red", "lime", "blue", "yellow", "fuchsia", "aqua")
+ARROW_COLORS = ("lime", "fuchsia", "aqua")  # an arrow's head sits on its shape: no colour a shape has
 NUMBERS = ("zero", "one", "two", "three", "four")
 QUESTION_TYPES = {
     "vipllava": ("box_shape", "arrow_color", "count", "caption"),
@@ -57,20 +58,36 @@ class Example:
     kind: str
 
 
-def random_scene(rng: random.Random, size: int, n: int, *, kinds: tuple[str, ...] = SHAPES) -> list[Shape]:
-    """n non-overlapping shapes with a margin between them and to the border (room for a box around each)."""
-    shapes: list[Shape] = []
-    r_min, r_max = size * 0.08, size * 0.13
-    for _ in range(1000):
-        if len(shapes) == n:
-            break
-        r = rng.uniform(r_min, r_max)
-        margin = r + size * 0.06
-        cx, cy = rng.uniform(margin, size - margin), rng.uniform(margin, size - margin)
-        if all(math.hypot(cx - s.cx, cy - s.cy) > r + s.r + size * 0.1 for s in shapes):
-            shapes.append(Shape(rng.choice(kinds), rng.choice(list(COLORS)), cx, cy, r))
-    if len(shapes) < n:
-        raise RuntimeError(f"could not place {n} shapes on a {size}px image")
+GRID = 3  # scenes are a 3 x 3 grid of cells, at most one shape per cell (one 32-px patch each at 96 px)
+
+
+def cell_of(shape: Shape, size: int) -> tuple[int, int]:
+    """(row, column) of the grid cell holding the shape."""
+    cell = size / GRID
+    return int(shape.cy // cell), int(shape.cx // cell)
+
+
+def random_scene(
+    rng: random.Random,
+    size: int,
+    n: int,
+    *,
+    kinds: tuple[str, ...] = SHAPES,
+    cells: list[tuple[int, int]] | None = None,
+) -> list[Shape]:
+    """n shapes in n distinct cells of a 3 x 3 grid (or in the given cells), each jittered inside its cell
+    with room for a visual prompt around it."""
+    if not 1 <= n <= GRID * GRID:
+        raise ValueError(f"a scene holds 1 to {GRID * GRID} shapes, got {n}")
+    cell = size / GRID
+    chosen = cells if cells is not None else rng.sample([(r, c) for r in range(GRID) for c in range(GRID)], n)
+    shapes = []
+    for row, col in chosen:
+        r = rng.uniform(0.29, 0.33) * cell
+        shift = cell * 0.04  # shapes sit near their cell's centre: a small model learns them in minutes
+        cx = (col + 0.5) * cell + rng.uniform(-shift, shift)
+        cy = (row + 0.5) * cell + rng.uniform(-shift, shift)
+        shapes.append(Shape(rng.choice(kinds), rng.choice(list(COLORS)), cx, cy, r))
     return shapes
 
 
@@ -106,9 +123,36 @@ def render(shapes: list[Shape], size: int) -> Image.Image:
     return image
 
 
-def describe(shapes: list[Shape]) -> str:
-    parts = [f"a {s.color} {s.kind}" for s in sorted(shapes, key=lambda s: s.cx)]
+def describe(shapes: list[Shape], size: int = 96) -> str:
+    """The shapes in reading order (row by row, left to right): "a red circle and a blue square"."""
+    parts = [
+        f"{'an' if s.color[0] in 'aeiou' else 'a'} {s.color} {s.kind}"
+        for s in sorted(shapes, key=lambda s: cell_of(s, size))
+    ]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def arrow_to(rng: random.Random, target: Shape, shapes: list[Shape], size: int) -> list[list[float]] | None:
+    """An arrow from an empty neighbouring cell to the target's edge, or None when every neighbour is taken."""
+    row, col = cell_of(target, size)
+    taken = {cell_of(s, size) for s in shapes}
+    free = [
+        (row + dr, col + dc)
+        for dr in (-1, 0, 1)
+        for dc in (-1, 0, 1)
+        if (dr or dc) and 0 <= row + dr < GRID and 0 <= col + dc < GRID and (row + dr, col + dc) not in taken
+    ]
+    if not free:
+        return None
+    cell = size / GRID
+    r, c = rng.choice(free)
+    jitter = cell * 0.1
+    tail = ((c + 0.5) * cell + rng.uniform(-jitter, jitter), (r + 0.5) * cell + rng.uniform(-jitter, jitter))
+    dx, dy = tail[0] - target.cx, tail[1] - target.cy
+    norm = math.hypot(dx, dy)
+    gap = target.r + size * 0.02
+    head = (target.cx + dx / norm * gap, target.cy + dy / norm * gap)
+    return [list(tail), list(head)]
 
 
 def make_example(rng: random.Random, kind: str, size: int = 96) -> Example:
@@ -116,25 +160,20 @@ def make_example(rng: random.Random, kind: str, size: int = 96) -> Example:
     if kind == "box_shape":
         shapes = random_scene(rng, size, rng.randint(2, 4))
         target, color = rng.choice(shapes), rng.choice(PROMPT_COLORS)
-        pad = size * 0.04
+        prompt = rng.choice(("rectangle", "ellipse"))
+        pad = size * (0.03 if prompt == "rectangle" else 0.05)
         x0, y0, x1, y1 = target.box
         box = [max(0, x0 - pad), max(0, y0 - pad), min(size, x1 + pad), min(size, y1 + pad)]
-        image = draw_visual_prompts(render(shapes, size), {"type": "rectangle", "box": box, "color": color})
-        return Example([image], f"What shape is inside the {color} rectangle?", target.kind, kind)
+        image = draw_visual_prompts(render(shapes, size), {"type": prompt, "box": box, "color": color})
+        return Example([image], f"What shape is inside the {color} {prompt}?", target.kind, kind)
     if kind == "arrow_color":
-        shapes = random_scene(rng, size, rng.randint(2, 4))
-        target = rng.choice(shapes)
-        length = size * 0.25
-        for _ in range(100):  # a direction whose tail stays inside the picture
-            angle = rng.uniform(0, 2 * math.pi)
-            head = (
-                target.cx + (target.r + 2) * math.cos(angle),
-                target.cy + (target.r + 2) * math.sin(angle),
-            )
-            tail = (head[0] + length * math.cos(angle), head[1] + length * math.sin(angle))
-            if all(1 <= v <= size - 1 for v in (*head, *tail)):
+        for _ in range(100):
+            shapes = random_scene(rng, size, rng.randint(2, 4))
+            target = rng.choice(shapes)
+            points = arrow_to(rng, target, shapes, size)
+            if points is not None:
                 break
-        spec = {"type": "arrow", "points": [list(tail), list(head)], "color": rng.choice(PROMPT_COLORS)}
+        spec = {"type": "arrow", "points": points, "color": rng.choice(ARROW_COLORS)}
         image = draw_visual_prompts(render(shapes, size), spec)
         return Example([image], "What color is the shape the arrow points to?", target.color, kind)
     if kind == "count":
@@ -144,7 +183,7 @@ def make_example(rng: random.Random, kind: str, size: int = 96) -> Example:
         return Example([render(shapes, size)], f"How many {asked}s are there?", NUMBERS[n], kind)
     if kind == "caption":
         shapes = random_scene(rng, size, rng.randint(1, 3))
-        return Example([render(shapes, size)], "Describe the image.", describe(shapes), kind)
+        return Example([render(shapes, size)], "Describe the image.", describe(shapes, size), kind)
     if kind == "which_image":
         asked = rng.choice(SHAPES)
         others = tuple(s for s in SHAPES if s != asked)
@@ -163,6 +202,36 @@ def make_example(rng: random.Random, kind: str, size: int = 96) -> Example:
     )
 
 
+EXAMPLES = Path(__file__).parent / "examples"
+
+
+def handmade() -> dict:
+    """The hand-made held-out set (examples/handmade.json): scenes and questions with their answers."""
+    return json.loads((EXAMPLES / "handmade.json").read_text())
+
+
+def draw_handmade(spec: list[list], size: int) -> Image.Image:
+    """A scene from [colour, shape, row, column] entries, each shape centred in its cell."""
+    cell = size / GRID
+    return render(
+        [
+            Shape(kind, color, (col + 0.5) * cell, (row + 0.5) * cell, 0.31 * cell)
+            for color, kind, row, col in spec
+        ],
+        size,
+    )
+
+
+def write_handmade(folder: str | Path = EXAMPLES) -> list[Path]:
+    """Draw the hand-made scenes as PNGs next to handmade.json (or into folder)."""
+    data = handmade()
+    paths = []
+    for name, spec in data["scenes"].items():
+        paths.append(Path(folder) / f"{name}.png")
+        draw_handmade(spec, data["size"]).save(paths[-1])
+    return paths
+
+
 def write_dataset(
     folder: str | Path,
     rows: int,
@@ -171,17 +240,23 @@ def write_dataset(
     seed: int = 0,
     size: int = 96,
     name: str = "train.jsonl",
+    kinds: tuple[str, ...] | None = None,
+    sizes: tuple[int, ...] | None = None,
 ) -> Path:
-    """rows questions, the question types of `family` in turn, as JSONL + PNGs; returns the JSONL path."""
+    """rows questions, the question types of `family` in turn (or `kinds` in turn: repeat a type to weight
+    it), as JSONL + PNGs; returns the JSONL path. sizes: draw each picture at one of these sizes, picked at
+    random (default: `size`), so that a model sees pictures resized to its input as users send them."""
     if family not in QUESTION_TYPES:
         raise ValueError(f"family must be one of {sorted(QUESTION_TYPES)}, got {family!r}")
+    if kinds is not None and not set(kinds) <= set(QUESTION_TYPES[family]):
+        raise ValueError(f"kinds for {family} must be among {QUESTION_TYPES[family]}, got {kinds}")
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    kinds = QUESTION_TYPES[family]
+    kinds = kinds or QUESTION_TYPES[family]
     lines = []
     for i in range(rows):
-        example = make_example(rng, kinds[i % len(kinds)], size)
+        example = make_example(rng, kinds[i % len(kinds)], rng.choice(sizes) if sizes else size)
         names = []
         for j, image in enumerate(example.images):
             names.append(f"images/{Path(name).stem}-{i:06d}-{j}.png")
@@ -207,12 +282,18 @@ def write_dataset(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out_dir")
+    ap.add_argument("out_dir", nargs="?", help="where the dataset goes")
+    ap.add_argument("--handmade", action="store_true", help="redraw the hand-made example scenes instead")
     ap.add_argument("--rows", type=int, default=1000)
     ap.add_argument("--family", choices=sorted(QUESTION_TYPES), default="vipllava")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=96)
     args = ap.parse_args()
+    if args.handmade:
+        print("\n".join(str(p) for p in write_handmade()))
+        return
+    if args.out_dir is None:
+        ap.error("give out_dir (or --handmade)")
     print(write_dataset(args.out_dir, args.rows, family=args.family, seed=args.seed, size=args.size))
 
 
