@@ -17,9 +17,7 @@ Then time to first token of a new picture and of a repeated one (the image-featu
 from __future__ import annotations
 
 import argparse
-import base64
 import heapq
-import io
 import json
 import random
 import statistics
@@ -89,17 +87,6 @@ def requests(family: str, n: int, seed: int) -> list:
     return [make_example(rng, kinds[i % len(kinds)], 224) for i in range(n)]
 
 
-def data_uri(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def messages(example) -> list[dict]:
-    parts = [{"type": "image_url", "image_url": {"url": data_uri(im)}} for im in example.images]
-    return [{"role": "user", "content": [*parts, {"type": "text", "text": example.question}]}]
-
-
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
@@ -161,6 +148,7 @@ def main() -> None:
     import openai
     import uvicorn
     from test_serve import free_port
+    from test_serve import openai_messages as messages
 
     import vlmkit
     from vlmkit.serve.engine import Engine

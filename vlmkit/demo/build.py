@@ -35,11 +35,6 @@ from vlmkit.images import ImageProcessor
 from vlmkit.vipllava.visual_prompts import draw_visual_prompts
 
 IMAGE_SIZE, PATCH = 96, 32  # one patch per cell of the shapes world's 3 x 3 grid
-# question types in turn in the training set; counting and arrows take a small model longest, so twice
-TRAINING_MIX = {
-    "vipllava": ("box_shape", "arrow_color", "count", "caption", "arrow_color", "count"),
-    "idefics": ("count", "caption", "which_image", "count"),
-}
 # pictures are drawn at these sizes and resized to IMAGE_SIZE by the processor, as users' pictures are
 RENDER_SIZES = (96, 144, 192, 288)
 VIP_TEMPLATE = (
@@ -222,10 +217,12 @@ def labelled_scene(
 ) -> tuple[Image.Image, dict[str, torch.Tensor]]:
     """A scene with (sometimes) a box or ellipse and an arrow drawn on it, and what each grid cell holds:
     its shape and colour (the last class: none), whether a prompt surrounds it, holds an arrow's head or its
-    tail. One 32-px patch is one cell. size: drawn at this size (default: one of RENDER_SIZES)."""
+    tail, and its row and column. One 32-px patch is one cell. size: drawn at this size (default: one of RENDER_SIZES)."""
     size = size or rng.choice(RENDER_SIZES)
     shapes = random_scene(rng, size, rng.randint(1, 6))
     labels = {k: torch.zeros(GRID * GRID, dtype=torch.long) for k in PATCH_LABELS}
+    labels["row"] = torch.arange(GRID * GRID) // GRID
+    labels["column"] = torch.arange(GRID * GRID) % GRID
     labels["shape"].fill_(len(SHAPES))
     labels["color"].fill_(len(COLORS))
     colors = list(COLORS)
@@ -261,13 +258,11 @@ def labelled_scene(
 
 
 def tower_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """What the rest of the model reads from the vision tower, per patch (B, P, C): ViP-LLaVA's tapped layers
-    concatenated, IDEFICS's last layer."""
+    """What the text model reads of each patch (B, P, C): ViP-LLaVA's projected image features (its tapped
+    layers through the projector), IDEFICS's last tower layer (what its cross-attention reads)."""
     if hasattr(model, "vision_tower"):
-        states = model.vision_tower(pixel_values, layers=model.config.feature_layers)
-    else:
-        states = model.model.vision_model(pixel_values, layers=(-1,))
-    return torch.cat([s[:, 1:] for s in states], dim=-1)
+        return model.get_image_features(pixel_values)
+    return model.model.vision_model(pixel_values, layers=(-1,))[0][:, 1:]
 
 
 def pretrain_tower(
@@ -278,20 +273,27 @@ def pretrain_tower(
     batch_size: int = 32,
     lr: float = 1e-3,
     seed: int = 0,
+    sizes: tuple[int, ...] = RENDER_SIZES,
 ) -> dict[str, float]:
-    """Stage 1, as real VLMs start from a pretrained CLIP: teach the vision tower the shapes world by
-    predicting, for each patch, what its cell holds (PATCH_LABELS) through throw-away linear heads.
-    Returns the last batch's per-patch accuracy for each label."""
+    """Stage 1, as real VLMs start from a pretrained CLIP (and LLaVA from an aligned projector): teach the
+    vision tower (and ViP-LLaVA's projector) the shapes world by predicting, for each patch, what its cell
+    holds (PATCH_LABELS) through throw-away linear heads. Returns the last batch's per-patch accuracy for
+    each label."""
     rng = random.Random(seed + 1)
     torch.manual_seed(seed)
     tower = model.vision_tower if hasattr(model, "vision_tower") else model.model.vision_model
     dim = tower_features(model, torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).shape[-1]
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, n) for k, n in PATCH_LABELS.items()})
-    optimizer = torch.optim.AdamW([*tower.parameters(), *heads.parameters()], lr=lr, weight_decay=0.01)
+    projector = getattr(model, "multi_modal_projector", torch.nn.Identity())
+    optimizer = torch.optim.AdamW(
+        [*tower.parameters(), *projector.parameters(), *heads.parameters()], lr=lr, weight_decay=0.01
+    )
     image_processor = processor.image_processor
     accuracy: dict[str, float] = {}
     for _ in range(steps):
-        images, labels = zip(*(labelled_scene(rng) for _ in range(batch_size)), strict=True)
+        images, labels = zip(
+            *(labelled_scene(rng, rng.choice(sizes)) for _ in range(batch_size)), strict=True
+        )
         features = tower_features(model, image_processor.preprocess(list(images)))  # (B, 9, C)
         loss = 0.0
         for name, head in heads.items():
@@ -333,20 +335,21 @@ def build(
     steps: int,
     batch_size: int = 16,
     lr: float = 1e-3,
-    vision_lr: float = 0.0,
+    vision_lr: float = 1e-4,
     tower_steps: int = 500,
     seed: int = 0,
     eval_rows: int = 200,
     install_as_builtin: bool = False,
+    render_sizes: tuple[int, ...] = RENDER_SIZES,
 ) -> dict[str, float]:
     """Train a demo model into out/run/final (and install it as the built-in one); returns the held-out
     accuracy per question type (eval_rows each) of what was installed, else of out/run/final.
 
     Two stages, as LLaVA and IDEFICS were built on a pretrained CLIP: (1) `pretrain_tower` teaches the
     randomly initialised vision tower what each patch holds; (2) `finetune` trains the rest from that
-    checkpoint on the questions, the tower frozen (vision_lr 0) or at vision_lr. (Trained from random init
-    at the text model's rate, the tower collapses to image-independent features before the text model
-    learns to read them; at a tenth of it, runs still collapse now and then.)"""
+    checkpoint on the questions, the tower at a tenth of the text model's rate. (Trained from random init at
+    the text model's rate, the tower collapses to image-independent features before the text model learns
+    to read them; frozen after stage 1, its shape features are too faint for the text model to pick up.)"""
     from vlmkit.models import init_model, load_processor
     from vlmkit.train.finetune import FinetuneConfig, finetune
     from vlmkit.weights import read_config_file
@@ -357,12 +360,12 @@ def build(
     write_configs(base, family, build_tokenizer(base, family))
     if not (base / "model.safetensors").is_file():
         model = init_model(read_config_file(base / "config.json"), seed=seed)
-        tower_accuracy = pretrain_tower(model, load_processor(base), steps=tower_steps, seed=seed)
+        tower_accuracy = pretrain_tower(
+            model, load_processor(base), steps=tower_steps, seed=seed, sizes=render_sizes
+        )
         print(f"stage 1: vision tower per-patch accuracy {json.dumps(tower_accuracy)}", flush=True)
         model.save_pretrained(base)
-    data = write_dataset(
-        out / "data", rows, family=family, seed=seed, kinds=TRAINING_MIX[family], sizes=RENDER_SIZES
-    )
+    data = write_dataset(out / "data", rows, family=family, seed=seed, sizes=render_sizes)
     torch.manual_seed(seed)
     finetune(
         FinetuneConfig(
@@ -413,9 +416,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--vision-lr", type=float, default=0.0, help="stage 2's rate for the tower (0: frozen)")
+    ap.add_argument("--vision-lr", type=float, default=1e-4, help="stage 2's rate for the tower (0: frozen)")
     ap.add_argument("--tower-steps", type=int, default=500, help="stage 1: vision-tower pretraining steps")
     ap.add_argument("--eval-rows", type=int, default=200, help="held-out questions per type")
+    ap.add_argument(
+        "--render-sizes",
+        type=lambda text: tuple(int(x) for x in text.split(",")),
+        default=RENDER_SIZES,
+        help="comma-separated sizes the training pictures are drawn at",
+    )
     ap.add_argument(
         "--install", action="store_true", help="copy the result into the package's built-in models"
     )
@@ -431,6 +440,7 @@ def main() -> None:
         tower_steps=args.tower_steps,
         eval_rows=args.eval_rows,
         install_as_builtin=args.install,
+        render_sizes=args.render_sizes,
     )
     print(json.dumps({"family": args.family, "held_out_accuracy": scores}))
 
