@@ -195,3 +195,15 @@ def test_half_storage_loads_in_the_configs_dtype_as_transformers_does(reference,
     assert (logits_of(ours, inputs) - logits_of(theirs, inputs)).abs().max().item() < 1e-4
     assert (logits_of(ours, inputs) - reference[4]).abs().max().item() > 0  # the weights were rounded
     assert next(vlmkit.load_model(tmp_path, dtype="float16").parameters()).dtype == torch.float16
+
+
+def test_saved_files_are_readable_by_others_as_plainly_written_files_are(reference, tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        vlmkit.load_model(reference[2]).save_pretrained(tmp_path)
+    finally:
+        os.umask(umask)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
