@@ -29,9 +29,15 @@ demo-models: $(BIN)/.installed
 	$(BIN)/python -m vlmkit.demo.shapes --handmade
 	$(MAKE) -j2 demo-model-vipllava demo-model-idefics
 
-demo-model-%: $(BIN)/.installed
-	rm -rf build/demo-$*
-	OMP_NUM_THREADS=1 $(BIN)/python -m vlmkit.demo.build build/demo-$* --family $* --install
+DEMO_BUILD := OMP_NUM_THREADS=1 $(BIN)/python -m vlmkit.demo.build --rows 16000 --steps 5000 --install
+
+demo-model-vipllava: $(BIN)/.installed
+	rm -rf build/demo-vipllava
+	$(DEMO_BUILD) build/demo-vipllava --family vipllava --render-sizes 96
+
+demo-model-idefics: $(BIN)/.installed
+	rm -rf build/demo-idefics
+	$(DEMO_BUILD) build/demo-idefics --family idefics
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check vlmkit tests examples benchmarks

@@ -12,7 +12,7 @@ ask() {
     "$VLMKIT" generate "$@"
 }
 
-ask --image $EX/scene1.png --visual-prompt '{"type": "rectangle", "box": [100, 100, 188, 188], "color": "red"}' \
+ask --image $EX/scene1.png --visual-prompt '{"type": "rectangle", "box": [106, 106, 182, 182], "color": "red"}' \
     "What shape is inside the red rectangle?"
 ask --image $EX/scene2.png --visual-prompt '{"type": "arrow", "points": [[140, 140], [208, 208]], "color": "fuchsia"}' \
     "What color is the shape the arrow points to?"

@@ -209,6 +209,8 @@ PATCH_LABELS = {
     "boxed": 2,
     "arrow_head": 2,
     "arrow_tail": 2,
+    "row": GRID,  # where the patch is: IDEFICS's cross-attention sees no positions but these
+    "column": GRID,
 }
 
 
@@ -217,7 +219,8 @@ def labelled_scene(
 ) -> tuple[Image.Image, dict[str, torch.Tensor]]:
     """A scene with (sometimes) a box or ellipse and an arrow drawn on it, and what each grid cell holds:
     its shape and colour (the last class: none), whether a prompt surrounds it, holds an arrow's head or its
-    tail, and its row and column. One 32-px patch is one cell. size: drawn at this size (default: one of RENDER_SIZES)."""
+    tail, and its row and column. One 32-px patch is one cell. size: drawn at this size (default: one of
+    RENDER_SIZES)."""
     size = size or rng.choice(RENDER_SIZES)
     shapes = random_scene(rng, size, rng.randint(1, 6))
     labels = {k: torch.zeros(GRID * GRID, dtype=torch.long) for k in PATCH_LABELS}
