@@ -11,7 +11,7 @@ from vlmkit.demo import build
 @pytest.mark.parametrize("family", ["vipllava", "idefics"])
 def test_pipeline_runs_and_loads(family, tmp_path):
     scores = build.build(
-        tmp_path / family, family, rows=24, steps=2, batch_size=4, eval_rows=2, tower_steps=2
+        tmp_path / family, family, rows=24, steps=2, batch_size=4, eval_rows=2, tower_steps=2, polish_steps=2
     )
     assert set(scores) == set(build.QUESTION_TYPES[family]) and all(0 <= v <= 1 for v in scores.values())
     final = tmp_path / family / "run" / "final"

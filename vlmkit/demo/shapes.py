@@ -241,16 +241,19 @@ def write_dataset(
     size: int = 96,
     name: str = "train.jsonl",
     sizes: tuple[int, ...] | None = None,
+    kinds: tuple[str, ...] | None = None,
 ) -> Path:
-    """rows questions, the question types of `family` in turn, as JSONL + PNGs; returns the JSONL path.
-    sizes: draw each picture at one of these sizes, picked at random (default: `size`), so that a model
-    sees pictures resized to its input as users send them."""
+    """rows questions, the question types of `family` in turn (or `kinds` in turn: repeat a type to weight
+    it), as JSONL + PNGs; returns the JSONL path. sizes: draw each picture at one of these sizes, picked at
+    random (default: `size`), so that a model sees pictures resized to its input as users send them."""
     if family not in QUESTION_TYPES:
         raise ValueError(f"family must be one of {sorted(QUESTION_TYPES)}, got {family!r}")
+    if kinds is not None and not (kinds and set(kinds) <= set(QUESTION_TYPES[family])):
+        raise ValueError(f"kinds for {family} must be among {QUESTION_TYPES[family]}, got {kinds}")
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    kinds = QUESTION_TYPES[family]
+    kinds = kinds or QUESTION_TYPES[family]
     lines = []
     for i in range(rows):
         example = make_example(rng, kinds[i % len(kinds)], rng.choice(sizes) if sizes else size)
