@@ -43,7 +43,10 @@ def test_generate_draws_the_visual_prompt_and_answers(checkpoint):
     drawn = draw_visual_prompts(Image.open(image), BOX)
 
     def turn(picture):
-        content = [{"type": "image", "image": picture}, {"type": "text", "text": "What is inside the red box?"}]
+        content = [
+            {"type": "image", "image": picture},
+            {"type": "text", "text": "What is inside the red box?"},
+        ]
         return [{"role": "user", "content": content}]
 
     assert answer == vlm.chat(turn(drawn), max_new_tokens=6)  # through the chat template
@@ -73,7 +76,7 @@ def test_generate_draws_the_visual_prompt_and_answers(checkpoint):
         text=True,
         check=True,
     )
-    assert out.stdout.rstrip("\n") == answer
+    assert out.stdout.rstrip("\n") == answer.strip()
 
 
 def test_chat_streams_and_keeps_the_conversation(checkpoint):

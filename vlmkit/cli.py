@@ -169,7 +169,7 @@ def generate_parser(sub: argparse._SubParsersAction) -> None:
     sampling_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
-        print(
+        print(  # the answer without the space a chat template leaves before it
             generate_command(
                 args.prompt,
                 args.model,
@@ -179,7 +179,7 @@ def generate_parser(sub: argparse._SubParsersAction) -> None:
                 device=args.device,
                 raw=args.raw,
                 **sampling(args),
-            )
+            ).strip()
         )
         return 0
 
