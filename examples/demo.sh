@@ -6,8 +6,12 @@ VLMKIT=${VLMKIT:-.venv/bin/vlmkit}
 EX=vlmkit/demo/examples
 
 ask() {
+    local shown=""
+    for a in "$@"; do  # the command as one would type it
+        if [[ "$a" =~ ^[A-Za-z0-9_./:=-]+$ ]]; then shown+=" $a"; else shown+=" '$a'"; fi
+    done
     echo
-    echo "\$ vlmkit generate $(printf "%q " "$@")"
+    echo "\$ vlmkit generate$shown"
     printf "Q: %s\nA: " "${*: -1}"
     "$VLMKIT" generate "$@"
 }
