@@ -18,7 +18,7 @@ ask() {
 
 ask --image $EX/scene1.png --visual-prompt '{"type": "rectangle", "box": [106, 106, 182, 182], "color": "red"}' \
     "What shape is inside the red rectangle?"
-ask --image $EX/scene2.png --visual-prompt '{"type": "arrow", "points": [[140, 140], [208, 208]], "color": "fuchsia"}' \
+ask --image $EX/scene2.png --visual-prompt '{"type": "arrow", "points": [[144, 144], [215, 215]], "color": "lime"}' \
     "What color is the shape the arrow points to?"
 ask --image $EX/scene2.png "Describe the image."
 ask --model demo-idefics --image $EX/scene2.png --image $EX/scene4.png \
