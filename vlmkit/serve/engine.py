@@ -391,13 +391,13 @@ class Engine:
             all_inputs = self._image_inputs(joining)
         except Exception as e:  # a bad image batch: fail those requests, keep serving
             for r in joining:
-                self._fail(r, e)
+                self._finish_request(r, "error", e)
             return
         for r, inputs in zip(joining, all_inputs, strict=True):
             try:
                 self._start_rows(r, inputs)
             except Exception as e:
-                self._fail(r, e)
+                self._finish_request(r, "error", e)
 
     def _start_rows(self, request: Request, inputs: dict[str, torch.Tensor]) -> None:
         ids = inputs["input_ids"]
@@ -537,14 +537,10 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _fail(self, request: Request, error: BaseException) -> None:
+    def _finish_request(self, request: Request, reason: str, error: BaseException | None = None) -> None:
+        """End every choice of a request that never got rows (cancelled while waiting, or failed to start)."""
         for j in range(request.params.n):
-            request.emit(Event(j, finish_reason="error", error=str(error)))
-        request.done.set()
-
-    def _finish_request(self, request: Request, reason: str) -> None:
-        for j in range(request.params.n):
-            request.emit(Event(j, finish_reason=reason))
+            request.emit(Event(j, finish_reason=reason, error=None if error is None else str(error)))
         request.done.set()
 
     def _loop(self) -> None:

@@ -29,7 +29,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmkit.serve.engine import Engine, Event, QueueFull, SamplingParams
@@ -217,12 +217,8 @@ def create_app(vlm: Any, engine: Engine, *, model_name: str, limits: ServerLimit
             raise APIError(400, f"the body is not valid JSON: {e}") from None
         try:
             return schema.model_validate(data)
-        except Exception as e:
-            from pydantic import ValidationError
-
-            if isinstance(e, ValidationError):
-                raise RequestValidationError(e.errors()) from None
-            raise
+        except ValidationError as e:
+            raise RequestValidationError(e.errors()) from None
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
