@@ -112,6 +112,7 @@ def reference(folder: Path, family: str, batch: list, max_tokens: int) -> tuple[
     from transformers import AutoModelForImageTextToText, IdeficsForVisionText2Text
 
     import vlmkit
+    from vlmkit.vlm import user_turn
 
     cls = IdeficsForVisionText2Text if family == "idefics" else AutoModelForImageTextToText
     model = cls.from_pretrained(folder, dtype=torch.float32).eval()
@@ -119,11 +120,8 @@ def reference(folder: Path, family: str, batch: list, max_tokens: int) -> tuple[
     eos = vlm._settings({})["eos_token_id"]
     times, tokens = [], []
     for i, ex in enumerate([batch[0], *batch]):  # the first is a warm-up
-        content = [{"type": "image", "image": im} for im in ex.images] + [
-            {"type": "text", "text": ex.question}
-        ]
         start = time.perf_counter()
-        inputs = vlm.chat_inputs([{"role": "user", "content": content}])
+        inputs = vlm.chat_inputs([user_turn(ex.question, ex.images)])
         with torch.inference_mode():
             out = model.generate(
                 **inputs, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0

@@ -18,6 +18,7 @@ import vlmkit
 from vlmkit.cli import generate_command
 from vlmkit.demo.build import IMAGE_SIZE
 from vlmkit.demo.shapes import EXAMPLES, QUESTION_TYPES, handmade, make_example
+from vlmkit.vlm import user_turn
 from vlmkit.weights import BUILTIN_DIR, builtin_model, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,10 +38,7 @@ def test_fresh_samples_are_answered(demo):
     right, wrong = 0, Counter()
     for i in range(200):
         ex = make_example(rng, kinds[i % len(kinds)], IMAGE_SIZE)
-        content = [{"type": "image", "image": im} for im in ex.images] + [
-            {"type": "text", "text": ex.question}
-        ]
-        answer = vlm.chat([{"role": "user", "content": content}], max_new_tokens=24).strip()
+        answer = vlm.chat([user_turn(ex.question, ex.images)], max_new_tokens=24).strip()
         right += answer == ex.answer
         wrong[ex.kind] += answer != ex.answer
     assert right / 200 >= 0.9, f"{right}/200 right; wrong by type: {dict(wrong)}"

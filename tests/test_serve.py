@@ -29,6 +29,7 @@ import vlmkit
 from vlmkit.demo.shapes import QUESTION_TYPES, make_example
 from vlmkit.serve.engine import Engine, Event, Request, SamplingParams
 from vlmkit.serve.server import ServerLimits, create_app
+from vlmkit.vlm import user_turn
 
 NAMES = {"vipllava": "demo", "idefics": "demo-idefics"}
 LIMITS = dict(max_body_bytes=1_000_000, max_images=2, max_image_pixels=512 * 512, request_timeout=30.0)
@@ -81,10 +82,7 @@ def openai_messages(example) -> list[dict]:
 
 
 def greedy(vlm, example, max_tokens: int = 24) -> str:
-    content = [{"type": "image", "image": im} for im in example.images] + [
-        {"type": "text", "text": example.question}
-    ]
-    return vlm.chat([{"role": "user", "content": content}], max_new_tokens=max_tokens)
+    return vlm.chat([user_turn(example.question, example.images)], max_new_tokens=max_tokens)
 
 
 def examples(family: str, n: int, seed: int = 7) -> list:

@@ -142,14 +142,13 @@ def generate_command(
     """The answer of `model` to `prompt` about `images` (visual prompts drawn on the first image): one user
     turn through the checkpoint's chat template, or with raw=True the prompt as it is (`<image>` markers
     where the images go; none: images first)."""
-    from vlmkit.vlm import VLM
+    from vlmkit.vlm import VLM, user_turn
 
     pictures = prompted_images(images, visual_prompts)
     vlm = VLM.load(model, dtype=dtype, device=device, progress=True)
     if raw:
         return vlm.generate(prompt, images=pictures, **settings)
-    content = [{"type": "image", "image": p} for p in pictures] + [{"type": "text", "text": prompt}]
-    return vlm.chat([{"role": "user", "content": content}], **settings)
+    return vlm.chat([user_turn(prompt, pictures)], **settings)
 
 
 def generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -189,6 +188,8 @@ def generate_parser(sub: argparse._SubParsersAction) -> None:
 def chat_loop(vlm: Any, settings: dict, stdin: TextIO, stdout: TextIO) -> None:
     """The REPL of `vlmkit chat`: OpenAI-style messages through the model's chat template, streamed.
     /image PATH and /prompt JSON attach to the next message; /reset; /quit."""
+    from vlmkit.vlm import user_turn
+
     messages: list[dict] = []
     images: list[str] = []
     prompts: list[str] = []
@@ -208,8 +209,7 @@ def chat_loop(vlm: Any, settings: dict, stdin: TextIO, stdout: TextIO) -> None:
             elif line:
                 pictures = prompted_images(images, prompts)
                 images, prompts = [], []
-                content = [{"type": "image", "image": p} for p in pictures] + [{"type": "text", "text": line}]
-                messages.append({"role": "user", "content": content})
+                messages.append(user_turn(line, pictures))
                 answer = ""
                 for delta in vlm.stream_chat(messages, **settings):
                     answer += delta

@@ -23,6 +23,14 @@ from vlmkit.tokenizer import IncrementalDecoder
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
+def user_turn(text: str, images: Sequence[Any] = ()) -> dict[str, Any]:
+    """One user message for `VLM.chat`: the images, then the text."""
+    return {
+        "role": "user",
+        "content": [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}],
+    }
+
+
 class VLM:
     def __init__(self, model: torch.nn.Module, processor: Any) -> None:
         self.model = model
