@@ -317,7 +317,7 @@ def pretrain_tower(
 
 def accuracy(model_dir: Path, family: str, n: int = 200, seed: int = 12345) -> dict[str, float]:
     """Greedy answers to n freshly generated questions per type, exact match."""
-    from vlmkit.vlm import VLM
+    from vlmkit.vlm import VLM, user_turn
 
     vlm = VLM.load(model_dir)
     rng = random.Random(seed)
@@ -326,10 +326,7 @@ def accuracy(model_dir: Path, family: str, n: int = 200, seed: int = 12345) -> d
     for kind in QUESTION_TYPES[family]:
         for _ in range(n):
             ex = make_example(rng, kind, IMAGE_SIZE)
-            content = [{"type": "image", "image": im} for im in ex.images] + [
-                {"type": "text", "text": ex.question}
-            ]
-            answer = vlm.chat([{"role": "user", "content": content}], max_new_tokens=24)
+            answer = vlm.chat([user_turn(ex.question, ex.images)], max_new_tokens=24)
             right[kind] += answer.strip() == ex.answer
             seen[kind] += 1
     return {k: right[k] / seen[k] for k in seen}
@@ -360,7 +357,6 @@ def build(
     the text model's rate, the tower collapses to image-independent features before the text model learns
     to read them; frozen after stage 1, its shape features are too faint for the text model to pick up.)"""
     from vlmkit.models import init_model, load_processor
-    from vlmkit.train.finetune import FinetuneConfig, finetune
     from vlmkit.weights import read_config_file
 
     out = Path(out)
@@ -376,24 +372,8 @@ def build(
         model.save_pretrained(base)
     data = write_dataset(out / "data", rows, family=family, seed=seed, sizes=render_sizes)
     torch.manual_seed(seed)
-    finetune(
-        FinetuneConfig(
-            data=str(data),
-            output_dir=str(out / "run"),
-            model=str(base),
-            train="full",
-            max_steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            vision_lr=vision_lr,
-            warmup_steps=min(200, steps // 10),
-            min_lr_ratio=0.05,
-            weight_decay=0.01,
-            max_length=256,
-            seed=seed,
-            save_every=500,
-            resume=True,
-        )
+    train_stage(
+        data, base, out / "run", steps=steps, batch_size=batch_size, lr=lr, vision_lr=vision_lr, seed=seed
     )
     final = polish(
         out, family, steps=polish_steps, seed=seed, render_sizes=render_sizes, batch_size=batch_size
@@ -417,33 +397,59 @@ def polish(
     """Stage 3: `steps` more at a third of the rate from out/run/final on fresh questions weighted toward
     the types a small model learns last (POLISH_MIX); returns the final folder (out/run/final when steps
     is 0)."""
-    from vlmkit.train.finetune import FinetuneConfig, finetune
-
     if steps <= 0:
         return out / "run" / "final"
     data = write_dataset(
         out / "data-polish", rows, family=family, seed=seed + 1, sizes=render_sizes, kinds=POLISH_MIX[family]
     )
+    train_stage(
+        data,
+        out / "run" / "final",
+        out / "run-polish",
+        steps=steps,
+        batch_size=batch_size,
+        lr=3e-4,
+        vision_lr=3e-5,
+        seed=seed + 1,
+        warmup_steps=100,
+    )
+    return out / "run-polish" / "final"
+
+
+def train_stage(
+    data: Path,
+    model: Path,
+    output_dir: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    vision_lr: float,
+    seed: int,
+    warmup_steps: int | None = None,
+) -> None:
+    """One `finetune` run of every parameter from `model` (resumable): what stages 2 and 3 share."""
+    from vlmkit.train.finetune import FinetuneConfig, finetune
+
     finetune(
         FinetuneConfig(
             data=str(data),
-            output_dir=str(out / "run-polish"),
-            model=str(out / "run" / "final"),
+            output_dir=str(output_dir),
+            model=str(model),
             train="full",
             max_steps=steps,
             batch_size=batch_size,
-            lr=3e-4,
-            vision_lr=3e-5,
-            warmup_steps=100,
+            lr=lr,
+            vision_lr=vision_lr,
+            warmup_steps=min(200, steps // 10) if warmup_steps is None else warmup_steps,
             min_lr_ratio=0.05,
             weight_decay=0.01,
             max_length=256,
-            seed=seed + 1,
+            seed=seed,
             save_every=500,
             resume=True,
         )
     )
-    return out / "run-polish" / "final"
 
 
 def install(final: Path, family: str) -> Path:
