@@ -21,9 +21,9 @@ import heapq
 import json
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -143,26 +143,32 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
 
+    import httpx
     import openai
-    import uvicorn
     from test_serve import free_port
     from test_serve import openai_messages as messages
-
-    import vlmkit
-    from vlmkit.serve.engine import Engine
-    from vlmkit.serve.server import ServerLimits, create_app
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build(folder, args.family, args.layers, args.width)
-        vlm = vlmkit.VLM.load(folder)
-        engine = Engine(vlm.model, vlm.tokenizer, max_batch=16, max_seq_len=512).start()
-        app = create_app(vlm, engine, model_name="bench", limits=ServerLimits(max_image_pixels=10**7))
+        # the server in its own process, as deployed: its engine thread shares no interpreter lock with the
+        # clients here
         port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        threading.Thread(target=server.run, daemon=True).start()
-        while not server.started:
-            time.sleep(0.05)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "vlmkit", "serve", "--model", str(folder), "--port", str(port)]
+            + ["--max-batch", "16", "--max-seq-len", "1024", "--max-image-pixels", str(10**7)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited with status {server.returncode}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
 
         def ask(ex) -> tuple[float, int]:
@@ -207,8 +213,8 @@ def main() -> None:
         for ex in requests(args.family, 5, seed=4242):
             fresh.append(first_token(ex))
             repeated.append(first_token(ex))
-        server.should_exit = True
-        engine.stop(10)
+        server.terminate()
+        server.wait(30)
 
     print(f"\n{args.family}: {args.layers}-layer {args.width}-wide LLaMA, CLIP-B/16 at 224 px, fp32, greedy")
     print("| clients | requests | tok/s tf → vlmkit | p50 latency tf → vlmkit | p99 latency tf → vlmkit |")

@@ -7,6 +7,7 @@ import torch
 from oracle import hf_llava_config, hf_llava_model, llava_inputs, tokens_per_image
 
 import vlmkit
+from vlmkit.modules import dense, optimize_for_cpu_inference
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,49 @@ def test_cpu_layouts_keep_outputs_and_step_aside(tmp_path):
         ).abs().max() < 1e-5
     state = vlmkit.load_model(tmp_path).state_dict()
     assert all(torch.equal(state[k], v) for k, v in hf_state_in_our_names(hf).items())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 64, 65, 300])
+def test_dense_equals_linear_for_every_batch_size(rows):
+    """The small-batch kernel (weight @ x.T) gives F.linear's result, for 3-d inputs, with a bias, and falls
+    back to F.linear for column-major weights and with gradients."""
+    torch.manual_seed(rows)
+    x, w, b = torch.randn(1, rows, 48), torch.randn(80, 48), torch.randn(80)
+    ref = torch.nn.functional.linear(x, w, b)
+    with torch.no_grad():
+        out = dense(x, w, b)
+        assert out.shape == ref.shape and out.is_contiguous()
+        assert (out - ref).abs().max() < 1e-5
+        assert (dense(x[0], w.t().contiguous().t()) - ref[0] + b).abs().max() < 1e-5  # column-major
+    g = torch.randn(80, 48, requires_grad=True)
+    dense(x, g).sum().backward()  # gradients flow (F.linear)
+    assert g.grad is not None
+
+
+def test_batched_layout_keeps_outputs_and_switches_back(tmp_path):
+    """The server's row-major layout (optimize_for_cpu_inference(batched=True)) gives the reference logits
+    for one row and for a batch, keeps the checkpoint's tensors, and switches back to column-major."""
+    cfg = hf_llava_config("vipllava", vision_feature_layers=[-1], text=dict(num_key_value_heads=2))
+    hf = hf_llava_model(cfg)
+    hf.save_pretrained(tmp_path)
+    model = vlmkit.load_model(tmp_path)
+    mlp = model.language_model.model.layers[0].mlp
+    assert not mlp._fused_gate_up.weight.is_contiguous()  # one-row layout after loading
+    optimize_for_cpu_inference(model, batched=True)
+    assert mlp._fused_gate_up.weight.is_contiguous()
+    with torch.no_grad():
+        assert mlp._fused_gate_up.usable(mlp.gate_proj, mlp.up_proj)
+    assert all(p.is_contiguous() for p in model.parameters())
+    for batch in (1, 3):
+        inputs = llava_inputs(cfg, batch=batch)
+        with torch.no_grad():
+            assert (model(**inputs).logits - hf(**inputs).logits).abs().max() < 1e-5
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in hf_state_in_our_names(hf).items())
+    optimize_for_cpu_inference(model, batched=False)
+    assert not mlp._fused_gate_up.weight.is_contiguous()
+    with torch.no_grad():
+        assert (model(**inputs).logits - hf(**inputs).logits).abs().max() < 1e-5
 
 
 def hf_state_in_our_names(hf):

@@ -25,6 +25,7 @@ from vlmkit.modules import (
     apply_rotary,
     attention,
     causal_mask,
+    linear,
 )
 
 TEXT_MODEL_TYPES = ("llama",)
@@ -146,7 +147,7 @@ class LlamaAttention(nn.Module):
         if fused is not None and fused.usable(self.q_proj, self.k_proj, self.v_proj):
             q, k, v = fused(x)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -154,7 +155,7 @@ class LlamaAttention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(ctx.input_pos, k, v, ctx.key_len)  # (B, Hkv, S, D)
         y = attention(q, k, v, mask=ctx.mask, is_causal=True)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -299,7 +300,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return linear(self.lm_head, hidden)
 
 
 def check_text_inputs(

@@ -57,6 +57,37 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+SMALL_BATCH_ROWS = range(2, 65)
+
+
+def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), with the kernel chosen for a few activation rows on the CPU.
+
+    Between 2 and 64 rows (a batched decode step) and a row-major weight, `weight @ x.T` runs 1.5-3x faster
+    than `x @ weight.T` on a 2-core Zen 3 (MKL's small-M path is slow there); one row, long prompts,
+    column-major weights and anything that needs gradients take F.linear.
+    """
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (
+        rows in SMALL_BATCH_ROWS
+        and x.device.type == "cpu"
+        and weight.is_contiguous()
+        and not torch.is_grad_enabled()
+    ):
+        y = torch.mm(weight, x.reshape(rows, -1).t()).t()
+        if bias is not None:
+            y = y + bias
+        return y.contiguous().view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a projection: a plain nn.Linear through `dense`, anything else (a LoRA wrapper) as itself."""
+    if type(module) is nn.Linear:
+        return dense(x, module.weight, module.bias)
+    return module(x)
+
+
 class SwiGLU(nn.Module):
     """The LLaMA MLP: down(act(gate(x)) * up(x))."""
 
@@ -73,8 +104,8 @@ class SwiGLU(nn.Module):
         if fused is not None and fused.usable(self.gate_proj, self.up_proj):
             gate, up = fused(x)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.act(gate) * up)
+            gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
+        return linear(self.down_proj, self.act(gate) * up)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,24 +276,27 @@ class CausalLMOutput:
 
 
 class FusedLinears:
-    """Linear layers that read the same input (q/k/v; gate/up), their weights moved into one column-major
-    buffer (in, sum of outs) so that one matrix product serves them all. Each layer's `weight` stays its own
+    """Linear layers that read the same input (q/k/v; gate/up), their weights moved into one buffer (sum of
+    outs, in), column-major unless `row_major`, so that one matrix product serves them all. Each layer's `weight` stays its own
     Parameter, a view into the buffer, so checkpoints, state dicts and training see nothing different.
 
     Used only when no gradient is needed, and only while every layer still holds its slice: a dtype or
     device change, a re-assigned weight or a wrapper such as peft's LoRA turns it off by itself.
     """
 
-    def __init__(self, linears: list[nn.Linear]) -> None:
+    def __init__(self, linears: list[nn.Linear], *, row_major: bool = False) -> None:
         first = linears[0].weight
         sizes = [lin.out_features for lin in linears]
-        buffer = torch.empty(first.shape[1], sum(sizes), dtype=first.dtype, device=first.device)  # (in, out)
+        if row_major:  # (out, in): the layout small batches read fastest
+            weight = torch.empty(sum(sizes), first.shape[1], dtype=first.dtype, device=first.device)
+        else:  # (out, in) view of an (in, out) buffer, strides (1, out): x @ buffer, fastest for one row
+            weight = torch.empty(first.shape[1], sum(sizes), dtype=first.dtype, device=first.device).t()
         start = 0
         for lin, n in zip(linears, sizes, strict=True):
-            buffer[:, start : start + n].copy_(lin.weight.detach().t())
-            lin.weight.data = buffer[:, start : start + n].t()
+            weight[start : start + n].copy_(lin.weight.detach())
+            lin.weight.data = weight[start : start + n]
             start += n
-        self.weight = buffer.t()  # (out, in) view with strides (1, out): x @ buffer
+        self.weight = weight
         self.sizes = sizes
         self.ptrs = [lin.weight.data_ptr() for lin in linears]
 
@@ -273,15 +307,18 @@ class FusedLinears:
         )
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(F.linear(x, self.weight).split(self.sizes, dim=-1))
+        return list(dense(x, self.weight).split(self.sizes, dim=-1))
 
 
-def optimize_for_cpu_inference(model: nn.Module) -> None:
-    """Weight layouts that make CPU decoding (one activation row per matrix) faster, outputs unchanged:
-    q/k/v and gate/up fused into one column-major product each, other wide projections (out > in, the LM
-    head among them) stored column-major, narrow ones (down, o) left row-major -- measured on a 2-core
-    Zen 3: column-major reads at 20-25 GB/s where row-major reads at 16-18 when out > in, and the
-    reverse when out < in."""
+def optimize_for_cpu_inference(model: nn.Module, *, batched: bool = False) -> None:
+    """Weight layouts that make CPU decoding faster, outputs unchanged: q/k/v and gate/up fused into one
+    product each.
+
+    For one sequence (one activation row per matrix), the fused and other wide projections (out > in, the
+    LM head among them) are stored column-major and narrow ones (down, o) left row-major -- measured on a
+    2-core Zen 3: column-major reads at 20-25 GB/s where row-major reads at 16-18 when out > in, and the
+    reverse when out < in. For batched decoding (`batched`, a server's 2-64 rows per step) every weight is
+    row-major, which `dense` multiplies fastest. Calling it again switches between the two."""
     fused: set[int] = set()
     for module in model.modules():
         groups = []
@@ -291,10 +328,12 @@ def optimize_for_cpu_inference(model: nn.Module) -> None:
             groups.append(("_fused_gate_up", [module.gate_proj, module.up_proj]))
         for name, linears in groups:
             if all(type(lin) is nn.Linear and lin.bias is None for lin in linears):
-                setattr(module, name, FusedLinears(linears))
+                setattr(module, name, FusedLinears(linears, row_major=batched))
                 fused.update(id(lin) for lin in linears)
     for module in model.modules():
         if type(module) is nn.Linear and id(module) not in fused:
             w = module.weight
-            if w.shape[0] > w.shape[1] and w.is_contiguous():
+            if batched:
+                module.weight.data = w.data.contiguous()
+            elif w.shape[0] > w.shape[1] and w.is_contiguous():
                 module.weight.data = w.data.t().contiguous().t()

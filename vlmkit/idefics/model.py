@@ -27,7 +27,7 @@ from vlmkit.llama import (
     run_layer,
     setup_kv_cache,
 )
-from vlmkit.modules import CausalLMOutput, RMSNorm, RotaryEmbedding, SwiGLU, attention
+from vlmkit.modules import CausalLMOutput, RMSNorm, RotaryEmbedding, SwiGLU, attention, dense, linear
 from vlmkit.weights import SavePretrainedMixin
 
 # Published checkpoints and transformers 5 saves use the same names as our modules.
@@ -71,9 +71,9 @@ class DecoupledLinear(nn.Module):
             self.additional_fc = nn.Linear(dim, num_additional, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight)
+        logits = dense(x, self.weight)
         if hasattr(self, "additional_fc"):
-            logits = torch.cat([logits, self.additional_fc(x)], dim=-1)
+            logits = torch.cat([logits, linear(self.additional_fc, x)], dim=-1)
         return logits
 
 
@@ -106,11 +106,11 @@ class CrossAttention(nn.Module):
         self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q = linear(self.q_proj, x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if hasattr(self, "q_layer_norm"):
             q = self.q_layer_norm(q)
         y = attention(q, kv[0], kv[1], mask=mask)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, C))
 
 
 class GatedCrossAttentionBlock(nn.Module):

@@ -149,7 +149,7 @@ class VipLlavaModel(GenerationMixin, SavePretrainedMixin, nn.Module):
             image_features = self.get_image_features(pixel_values)
         embeds = self.embed_inputs(input_ids, image_features)
         hidden = self.language_model.model(embeds, attention_mask=attention_mask, position_ids=position_ids)
-        logits = self.language_model.lm_head(hidden)
+        logits = self.language_model(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
@@ -217,7 +217,7 @@ class LlavaSession(DecoderSession):
             input_pos=torch.arange(T, device=embeds.device),
             key_len=T,
         )
-        return self.lm.lm_head(hidden[:, -1])
+        return self.lm(hidden[:, -1])
 
     def forward_tokens(
         self,
@@ -236,4 +236,4 @@ class LlavaSession(DecoderSession):
             input_pos=input_pos,
             key_len=key_len,
         )
-        return self.lm.lm_head(hidden[:, -1])
+        return self.lm(hidden[:, -1])

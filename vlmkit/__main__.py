@@ -1,0 +1,5 @@
+"""`python -m vlmkit ...`: the same command line as `vlmkit ...`."""
+
+from vlmkit.cli import main
+
+raise SystemExit(main())
