@@ -10,7 +10,7 @@ from checkpoints import build_idefics_checkpoint, build_llava_checkpoint
 from PIL import Image
 
 import vlmkit
-from vlmkit.serve.engine import Engine, QueueFull, Request, SamplingParams
+from vlmkit.serve.engine import Engine, PrefixCache, QueueFull, Request, SamplingParams
 
 
 def picture(seed: int) -> Image.Image:
@@ -109,3 +109,112 @@ def test_bad_requests_are_refused_before_they_queue(vlm):
     assert engine.queue_depth == 1 and engine.running == 0
     with pytest.raises(TypeError, match="serves"):
         Engine(torch.nn.Linear(2, 2), vlm.tokenizer)
+
+
+def run_one(engine: Engine, inputs: dict, max_tokens: int) -> tuple[str, int]:
+    """One request alone: its text and the prompt tokens it took from the prefix cache."""
+    before = engine.prefix.hit_tokens
+    (text,) = run_all(engine, [(inputs, SamplingParams(max_tokens=max_tokens))])[0:1]
+    return text[0], engine.prefix.hit_tokens - before
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_outputs(vlm):
+    """Prompts that start like an earlier one (same picture, same words) run only their new blocks and
+    answer exactly as a single request does; the same words after another picture reuse nothing."""
+    pic, other = picture(10), picture(11)
+    prompts = [
+        ("Describe this picture in detail.", [pic]),
+        ("Describe this picture briefly, please.", [pic]),
+        ("Describe this picture in detail.", [pic]),
+        ("Describe this picture in detail.", [other]),
+    ]
+    want = [vlm.generate(p, images=ims, max_new_tokens=6) for p, ims in prompts]
+    engine = Engine(vlm.model, vlm.tokenizer, max_batch=4, max_seq_len=256, prefix_block=4).start()
+    try:
+        got, reused = [], []
+        for i, (p, ims) in enumerate(prompts):
+            misses = engine.features.misses + engine.features.hits
+            text, hit = run_one(engine, vlm.inputs(p, ims), 6)
+            got.append(text)
+            reused.append(hit)
+            if i == 2 and not engine.idefics:  # every picture token was cached: no features needed at all
+                assert engine.features.misses + engine.features.hits == misses
+    finally:
+        engine.stop(10)
+    assert got == want
+    L = vlm.inputs(prompts[2][0], prompts[2][1])["input_ids"].shape[1]
+    assert reused[0] == 0 and reused[1] > 0
+    assert reused[2] == (L - 1) // 4 * 4  # everything but the block of the last token
+    assert reused[3] == 0  # the picture's tokens sit in the first block
+
+
+def test_a_follow_up_turn_reuses_the_answer_too(vlm):
+    """A second turn whose prompt repeats the first prompt and its answer takes both from the cache."""
+    first = vlm.inputs("What is this?", [picture(12)])
+    eos = Engine(vlm.model, vlm.tokenizer).eos
+    with torch.inference_mode():
+        out = vlm.model.generate(**first, max_new_tokens=7, do_sample=False, eos_token_id=eos)
+    assert not set(out[0, -7:].tolist()) & set(eos)  # the random model answers at full length
+    more = torch.tensor([vlm.tokenizer.encode(" And then?", add_special_tokens=False)])
+    ids = torch.cat([out, more], dim=1)
+    second = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    second.update({k: v for k, v in first.items() if k not in second})
+    if "image_attention_mask" in first:  # the new tokens attend to the picture the answer attends to
+        iam = first["image_attention_mask"]
+        extra = ids.shape[1] - iam.shape[1]
+        second["image_attention_mask"] = torch.cat([iam, iam[:, -1:].expand(-1, extra, -1)], dim=1)
+    with torch.inference_mode():
+        want = vlm.model.generate(**second, max_new_tokens=5, do_sample=False, eos_token_id=eos)
+    want_text = vlm.tokenizer.decode(want[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+    engine = Engine(vlm.model, vlm.tokenizer, max_batch=2, max_seq_len=256, prefix_block=4).start()
+    try:
+        run_one(engine, first, 7)
+        text, reused = run_one(engine, second, 5)
+    finally:
+        engine.stop(10)
+    L = first["input_ids"].shape[1]
+    assert reused > L // 4 * 4  # blocks of the answer (6 of its 7 tokens ran through the model) too
+    assert reused == (L + 6) // 4 * 4
+    assert text == want_text
+
+
+def test_prefix_cache_evicts_deep_blocks_first():
+    cache = PrefixCache(capacity=3, block=2)
+    chain = cache.hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], {})
+    assert len(chain) == 4 and len(set(chain)) == 4
+    assert cache.hashes([1, 2, 3, 4], {1: b"picture"})[1] != chain[1]  # marks change the hash
+    assert cache.hashes([1, 2, 3, 4], {})[:2] == chain[:2]
+    cache.put(chain, lambda b: torch.full((1, 2), float(b)))
+    assert len(cache.items) == 3
+    assert [float(t[0, 0]) for t in cache.match(chain)] == [0.0, 1.0, 2.0]  # the deep end went
+    other = cache.hashes([9, 9, 9, 9], {})
+    cache.put(other, lambda b: torch.zeros(1, 2))  # two new blocks push out the old chain's deep end
+    assert [float(t[0, 0]) for t in cache.match(chain)] == [0.0]
+    assert len(cache.match(other)) == 2
+    assert PrefixCache(capacity=0, block=2).match(chain) == []
+    with pytest.raises(ValueError, match="at least 1 token"):
+        PrefixCache(capacity=1, block=0)
+
+
+def test_generate_beside_a_running_engine(vlm):
+    """The engine passes its caches to every forward, so the model's own generate (which sets caches on
+    the layers) can run in another thread at the same time, and both answer right."""
+    prompts = [(f"Tell me about picture {i}.", [picture(20 + i)]) for i in range(4)]
+    want = [vlm.generate(p, images=ims, max_new_tokens=12) for p, ims in prompts]
+    engine = Engine(vlm.model, vlm.tokenizer, max_batch=4, max_seq_len=256).start()
+    try:
+        got = [[""] for _ in prompts]
+        requests = []
+        for i, (p, ims) in enumerate(prompts):
+            r = Request(
+                inputs=vlm.inputs(p, ims),
+                params=SamplingParams(max_tokens=12),
+                emit=lambda ev, i=i: got[i].__setitem__(0, got[i][0] + ev.text),
+            )
+            engine.submit(r)
+            requests.append(r)
+        beside = [vlm.generate(p, images=ims, max_new_tokens=12) for p, ims in prompts]
+        assert all(r.done.wait(60) for r in requests)
+    finally:
+        engine.stop(10)
+    assert beside == want and [g[0] for g in got] == want

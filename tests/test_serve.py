@@ -163,11 +163,18 @@ def test_sixteen_parallel_streams_equal_single_greedy(live):
 
 
 def test_a_repeated_image_is_not_encoded_again(live):
+    """The second time, the picture is not encoded and the prompt's blocks come from the prefix cache."""
     ex = examples(live.family, 1, seed=3)[0]
-    live.client.chat.completions.create(model="x", messages=openai_messages(ex), max_tokens=4, temperature=0)
-    hits = live.engine.features.hits
-    live.client.chat.completions.create(model="x", messages=openai_messages(ex), max_tokens=4, temperature=0)
-    assert live.engine.features.hits == hits + len(ex.images)
+    ask = dict(model="x", messages=openai_messages(ex), max_tokens=4, temperature=0)
+    first = live.client.chat.completions.create(**ask)
+    misses, reused = live.engine.features.misses, live.engine.prefix.hit_tokens
+    again = live.client.chat.completions.create(**ask)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert live.engine.features.misses == misses
+    block = live.engine.prefix.block
+    assert live.engine.prefix.hit_tokens - reused == (first.usage.prompt_tokens - 1) // block * block
+    shown = httpx.get(live.url + "/metrics").text
+    assert metric(shown, "vlmkit_prefix_cache_hit_tokens") == live.engine.prefix.hit_tokens > 0
 
 
 def test_visual_prompts_are_drawn_server_side(live):

@@ -446,6 +446,13 @@ def serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=20 * 2**20)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--feature-cache", type=int, default=256, help="images whose features are kept")
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=1024,
+        help="memory for keys/values of prompt blocks kept for reuse by prompts that start the same way "
+        "(a repeated picture, a follow-up turn); 0 turns it off",
+    )
     p.add_argument("--dtype")
     p.add_argument("--device")
 
@@ -460,6 +467,7 @@ def serve_parser(sub: argparse._SubParsersAction) -> None:
             max_queue=args.max_queue,
             max_seq_len=args.max_seq_len,
             feature_cache=args.feature_cache,
+            prefix_cache_mb=args.prefix_cache_mb,
             limits=ServerLimits(
                 max_body_bytes=args.max_body_bytes,
                 max_images=args.max_images,

@@ -152,8 +152,9 @@ class LlamaAttention(nn.Module):
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(ctx.input_pos, k, v, ctx.key_len)  # (B, Hkv, S, D)
+        cache = self.kv_cache if ctx.caches is None else ctx.caches[self]
+        if cache is not None:
+            k, v = cache.update(ctx.input_pos, k, v, ctx.key_len)  # (B, Hkv, S, D)
         y = attention(q, k, v, mask=ctx.mask, is_causal=True)  # (B, H, T, D)
         return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -192,6 +193,7 @@ class LlamaModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
         key_len: int | None = None,
+        kv_caches: dict[nn.Module, Any] | None = None,
     ) -> torch.Tensor:
         """inputs_embeds (B, T, C) -> final hidden states (B, T, C).
 
@@ -199,9 +201,18 @@ class LlamaModel(nn.Module):
         gives their slots in the cache, `attention_mask` (B, S') covers every key written so far and
         `key_len` (default: the whole cache) how many slots attention reads.
         `position_ids` (B, T) default to the token's slot, as in the reference.
+        `kv_caches` ({attention module: cache}) replaces the caches that `setup_cache` put on the layers for
+        this call: a server's own caches, untouched by a `generate` running beside it.
         """
         ctx = decoder_context(
-            self.layers, self.rotary_emb, inputs_embeds, attention_mask, position_ids, input_pos, key_len
+            self.layers,
+            self.rotary_emb,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            input_pos,
+            key_len,
+            kv_caches,
         )
         x = inputs_embeds
         for layer in self.layers:
@@ -253,6 +264,7 @@ class DecoderContext:
     mask: torch.Tensor | None  # (B or 1, 1, T, S) bool; None: plain causal attention
     input_pos: torch.Tensor  # (T,) cache slots of the T tokens
     key_len: int | None  # cache slots attention reads (None: all)
+    caches: dict[nn.Module, Any] | None = None  # per attention module, in place of its kv_cache
 
 
 def decoder_context(
@@ -263,6 +275,7 @@ def decoder_context(
     position_ids: torch.Tensor | None,
     input_pos: torch.Tensor | None,
     key_len: int | None = None,
+    caches: dict[nn.Module, Any] | None = None,
 ) -> DecoderContext:
     """Cache slots, rotary tables and the mask for one decoder call.
 
@@ -270,7 +283,10 @@ def decoder_context(
     (SDPA's causal fast path). With a cache, `input_pos` is required and the mask spans `key_len` slots.
     """
     B, T, _ = inputs_embeds.shape
-    cache = layers[0].self_attn.kv_cache if len(layers) else None
+    cache = None
+    if len(layers):
+        attn = layers[0].self_attn
+        cache = attn.kv_cache if caches is None else caches[attn]
     if input_pos is None:
         if cache is not None:
             raise ValueError("input_pos is required when a KV cache is set up")
@@ -285,7 +301,7 @@ def decoder_context(
     else:
         mask = None
     cos, sin = rotary(position_ids, inputs_embeds.dtype)
-    return DecoderContext(cos=cos, sin=sin, mask=mask, input_pos=input_pos, key_len=key_len)
+    return DecoderContext(cos=cos, sin=sin, mask=mask, input_pos=input_pos, key_len=key_len, caches=caches)
 
 
 class LlamaForCausalLM(nn.Module):

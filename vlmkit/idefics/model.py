@@ -10,6 +10,7 @@ Attribute names follow the checkpoint (`model.embed_tokens.additional_embedding`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -186,9 +187,17 @@ class IdeficsBase(nn.Module):
         cross: CrossContext | None,
         input_pos: torch.Tensor | None = None,
         key_len: int | None = None,
+        kv_caches: dict[nn.Module, Any] | None = None,
     ) -> torch.Tensor:
         ctx = decoder_context(
-            self.layers, self.rotary_emb, inputs_embeds, attention_mask, position_ids, input_pos, key_len
+            self.layers,
+            self.rotary_emb,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            input_pos,
+            key_len,
+            kv_caches,
         )
         interval = self.config.cross_layer_interval
         x = inputs_embeds

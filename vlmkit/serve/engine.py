@@ -2,10 +2,16 @@
 
 Every running sequence owns one row of a preallocated KV cache (`RowKVCache`): its prompt sits in slots
 0..L-1 and each step writes its new token at its own next slot, so rows of any length decode together in
-one forward with a per-row mask and per-row rotary positions, and nobody waits for the slowest. A joining
-request is prefilled alone (its images encoded together with those of the other requests joining in the
-same round, through an LRU cache of image features keyed by the pixels' hash) and its cache copied into a
-free row. The engine runs in one thread; callers get their events through a callback.
+one forward with a per-row mask and per-row rotary positions, and nobody waits for the slowest.
+
+A joining request's prompt runs alone, straight into a free row. Two caches spare it work:
+- `PrefixCache`: the keys/values of blocks of prompts (and answers) already run, keyed by a hash chained
+  over the tokens and pictures up to each block; a prompt that starts like an earlier one (the same picture
+  and template, a follow-up turn) copies those blocks and runs only the rest.
+- `FeatureCache`: vision features keyed by the pixels' hash. The new pictures of all requests joining in
+  the same round go through the vision tower together; pictures whose tokens all lie in reused blocks are
+  not needed at all.
+The engine runs in one thread; callers get their events through a callback.
 """
 
 from __future__ import annotations
@@ -99,16 +105,33 @@ class Row:
     generated: int = 0
     pending: int | None = None  # the token sampled but not yet run through the model
     finished: bool = False
+    prompt: Prompt | None = None
+
+
+@dataclass
+class Prompt:
+    """A joining request's prompt as planned: its pictures' keys and which of them the part after the
+    cached blocks still needs, its block hashes and the cached blocks it starts with."""
+
+    ids: torch.Tensor  # (1, L)
+    keys: list[str]
+    needed: list[bool]
+    marks: dict[int, bytes]
+    hashes: list[bytes]
+    reused: list[torch.Tensor]
+    answer_sees: list[int] = field(default_factory=list)  # IDEFICS: the pictures generated tokens attend to
 
 
 class RowKVCache(torch.nn.Module):
-    """A KV cache (B, Hkv, S, D) whose rows write at their own slots: `positions` (n,) set per step."""
+    """A KV cache (B, Hkv, S, D) whose rows write at their own slots: `positions` (n,) set per decode step.
+    While `prompt_row` is set, a prompt (1, Hkv, T, D) is written into that row at `input_pos`."""
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("k", k, persistent=False)
         self.register_buffer("v", v, persistent=False)
         self.positions: torch.Tensor | None = None
+        self.prompt_row: int | None = None
 
     @property
     def max_seq_len(self) -> int:
@@ -117,6 +140,11 @@ class RowKVCache(torch.nn.Module):
     def update(
         self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_len: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.prompt_row
+        if r is not None:
+            self.k[r].index_copy_(1, input_pos, k[0])
+            self.v[r].index_copy_(1, input_pos, v[0])
+            return self.k[r : r + 1, :, :key_len], self.v[r : r + 1, :, :key_len]
         n = k.shape[0]
         rows = torch.arange(n, device=k.device)
         self.k[rows, :, self.positions] = k[:, :, 0]
@@ -154,11 +182,65 @@ class FeatureCache:
             self.items.popitem(last=False)
 
 
+class PrefixCache:
+    """Keys/values of whole blocks of `block` tokens, for every layer at once (layers, 2, Hkv, block, D),
+    keyed by a hash chained over everything up to the block's end: the token ids and, where a block holds
+    a picture's tokens, the picture (`marks`). A block is reusable exactly when its hash matches, because
+    its keys/values depend on nothing else. LRU within `capacity` blocks; a hit refreshes its chain from
+    the end back to the start, so chains are evicted from their deep end first."""
+
+    def __init__(self, capacity: int, block: int) -> None:
+        if block < 1:
+            raise ValueError(f"the prefix-cache block must be at least 1 token, got {block}")
+        self.capacity, self.block = capacity, block
+        self.items: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.hit_tokens = 0  # prompt tokens not run because their blocks were cached
+
+    def hashes(self, ids: list[int], marks: dict[int, bytes]) -> list[bytes]:
+        """One hash per whole block of `ids`; marks[b]: what else block b's keys/values depend on."""
+        out, h = [], b""
+        for b in range(len(ids) // self.block):
+            chunk = ids[b * self.block : (b + 1) * self.block]
+            h = hashlib.sha256(
+                h + b"".join(i.to_bytes(8, "little", signed=True) for i in chunk) + marks.get(b, b"")
+            )
+            h = h.digest()
+            out.append(h)
+        return out
+
+    def match(self, hashes: list[bytes]) -> list[torch.Tensor]:
+        """The cached blocks of the longest cached start of `hashes`."""
+        found = []
+        for h in hashes:
+            block = self.items.get(h)
+            if block is None:
+                break
+            found.append(block)
+        for h in reversed(hashes[: len(found)]):
+            self.items.move_to_end(h)
+        return found
+
+    def put(self, hashes: list[bytes], blocks: Callable[[int], torch.Tensor]) -> None:
+        """Keep the blocks of `hashes` not kept yet; blocks(b) gives block b's keys/values."""
+        if self.capacity <= 0:
+            return
+        for b in reversed(range(len(hashes))):
+            h = hashes[b]
+            if h in self.items:
+                self.items.move_to_end(h)
+            else:
+                self.items[h] = blocks(b).clone()
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+
 class Engine:
     """Continuous batching over `model` (ViP-LLaVA / LLaVA or IDEFICS) with its tokenizer.
 
     max_batch: rows decoded together; max_seq_len: prompt + completion tokens per row; max_queue: waiting
-    requests before `submit` raises QueueFull; feature_cache: images whose features are kept.
+    requests before `submit` raises QueueFull; feature_cache: images whose features are kept;
+    prefix_cache_mb: memory for the keys/values of prompt blocks kept for reuse (0: none), in blocks of
+    prefix_block tokens.
     """
 
     def __init__(
@@ -171,6 +253,8 @@ class Engine:
         max_queue: int = 64,
         max_images: int = 4,
         feature_cache: int = 256,
+        prefix_cache_mb: float = 1024,
+        prefix_block: int = 16,
     ) -> None:
         if not isinstance(model, (VipLlavaModel, IdeficsModel)):
             raise TypeError(
@@ -195,6 +279,9 @@ class Engine:
         self._lock = threading.Lock()
         self.error: BaseException | None = None
         self._setup_caches()
+        layers, _, _, heads, _, dim = self.kv.shape
+        block_bytes = layers * 2 * heads * prefix_block * dim * self.kv.element_size()
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20 // block_bytes), prefix_block)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -243,24 +330,72 @@ class Engine:
         return self.model.model.layers if self.idefics else self.model.language_model.model.layers
 
     def _setup_caches(self) -> None:
+        """One tensor (layers, 2, max_batch, Hkv, max_seq_len, D) holds every row's keys and values, so a
+        row's whole cache (or a block of it) moves in one copy."""
         w = next(self.model.parameters())
-        self.caches = []
-        for layer in self._layers():
-            attn = layer.self_attn
-            shape = (self.max_batch, attn.n_kv_heads, self.max_seq_len, attn.head_dim)
-            self.caches.append(
-                RowKVCache(
-                    torch.zeros(shape, dtype=w.dtype, device=w.device),
-                    torch.zeros(shape, dtype=w.dtype, device=w.device),
-                )
-            )
+        attn = [layer.self_attn for layer in self._layers()]
+        shapes = {(a.n_kv_heads, a.head_dim) for a in attn}
+        if len(shapes) != 1:
+            raise ValueError(f"the engine needs one key/value shape in every layer, got {sorted(shapes)}")
+        ((heads, dim),) = shapes
+        self.kv = torch.zeros(
+            len(attn), 2, self.max_batch, heads, self.max_seq_len, dim, dtype=w.dtype, device=w.device
+        )
+        self.caches = [RowKVCache(self.kv[i, 0], self.kv[i, 1]) for i in range(len(attn))]
+        # passed to every forward (kv_caches): the layers' own kv_cache stays free for a generate beside us
+        self.cache_map = dict(zip(attn, self.caches, strict=True))
         self.cross: CrossContext | None = None  # IDEFICS: per-row keys/values, mask and gate, padded
 
-    def _install_caches(self) -> None:
-        for layer, cache in zip(self._layers(), self.caches, strict=True):
-            layer.self_attn.kv_cache = cache
-
     # -- images ---------------------------------------------------------------------------------
+
+    def _plan(self, request: Request) -> Prompt:
+        """Hash the prompt's blocks (with its pictures), find the cached start of it, and mark the
+        pictures that the rest still needs."""
+        inputs = request.inputs
+        ids = inputs["input_ids"]
+        px = inputs.get("pixel_values")
+        pixels = [] if px is None else (list(px[0]) if self.idefics else list(px))
+        keys = [FeatureCache.key(p) for p in pixels]
+        block = self.prefix.block
+        marks: dict[int, bytes] = {}
+        answer_sees: list[int] = []
+        iam = inputs.get("image_attention_mask")
+        if self.idefics and iam is not None and keys:
+            # each token's keys/values depend on the pictures it attends to (and on earlier tokens)
+            for t, n in iam[0].nonzero().tolist():
+                self._mark(marks, t, keys[n])
+            answer_sees = iam[0, -1].nonzero()[:, 0].tolist()
+        elif keys and not self.idefics:
+            where = (ids[0] == self.model.config.image_token_index).nonzero()[:, 0].tolist()
+            per = len(where) // len(keys)
+            for j, key in enumerate(keys):
+                first = where[j * per]
+                marks[first // block] = marks.get(first // block, b"") + key.encode()
+            last = [where[(j + 1) * per - 1] for j in range(len(keys))]
+        tokens = ids[0].tolist()
+        hashes = self.prefix.hashes(tokens, marks)
+        reused = self.prefix.match(hashes)[: (len(tokens) - 1) // block]  # at least one token runs
+        start = len(reused) * block
+        if self.idefics:
+            needed = [bool(iam[0, start:, n].any()) for n in range(len(keys))]
+        else:
+            needed = [last[j] >= start for j in range(len(keys))]
+        return Prompt(ids, keys, needed, marks, hashes, reused, answer_sees)
+
+    def _mark(self, marks: dict[int, bytes], t: int, key: str) -> None:
+        """Note that token t's keys/values depend on the picture `key`."""
+        b = t // self.prefix.block
+        marks[b] = marks.get(b, b"") + t.to_bytes(4, "little") + key.encode()
+
+    def _row_hashes(self, row: Row) -> list[bytes]:
+        """Block hashes of everything in a row's cache: its prompt, then the answer tokens run so far (which
+        attend to the pictures the last prompt token attends to)."""
+        prompt = row.prompt
+        marks = dict(prompt.marks)
+        for t in range(prompt.ids.shape[1], row.length):
+            for n in prompt.answer_sees:
+                self._mark(marks, t, prompt.keys[n])
+        return self.prefix.hashes(row.sequence[0, : row.length].tolist(), marks)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Features of a stack of single images (K, C, H, W): LLaVA (K, P, C), IDEFICS states (K, S, C)."""
@@ -269,65 +404,93 @@ class Engine:
             return self.model.encode_images(pixel_values=pixels[:, None], image_attention_mask=ones)[:, 0]
         return self.model.get_image_features(pixels)
 
-    def _image_inputs(self, joining: list[Request]) -> list[dict[str, torch.Tensor]]:
-        """Every joining request's inputs with its pixels replaced by cached or freshly computed features;
-        the new images of all of them go through the vision tower together."""
-        keys: list[list[str]] = []
-        todo: dict[str, torch.Tensor] = {}
+    def _features(self, joining: list[Request], prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+        """Features of every picture some joining prompt still needs: from the cache, or computed for all of
+        them in one call of the vision tower."""
         found: dict[str, torch.Tensor] = {}
-        for r in joining:
+        todo: dict[str, torch.Tensor] = {}
+        for r, prompt in zip(joining, prompts, strict=True):
             px = r.inputs.get("pixel_values")
-            images = [] if px is None else (list(px[0]) if self.idefics else list(px))
-            ks = [FeatureCache.key(p) for p in images]
-            keys.append(ks)
-            for k, p in zip(ks, images, strict=True):
-                if k in found or k in todo:
+            pixels = [] if px is None else (list(px[0]) if self.idefics else list(px))
+            for key, p, need in zip(prompt.keys, pixels, prompt.needed, strict=True):
+                if not need or key in found or key in todo:
                     continue
-                hit = self.features.get(k)
+                hit = self.features.get(key)
                 if hit is not None:
-                    found[k] = hit
+                    found[key] = hit
                 else:
-                    todo[k] = p
+                    todo[key] = p
         if todo:
             computed = self._encode(torch.stack(list(todo.values())))
-            for k, f in zip(todo, computed, strict=True):
-                self.features.put(k, f)
-                found[k] = f
-        out = []
-        for r, ks in zip(joining, keys, strict=True):
-            inputs = {k: v for k, v in r.inputs.items() if k != "pixel_values"}
-            if ks:
-                stacked = torch.stack([found[k] for k in ks])
-                if self.idefics:
-                    inputs["image_states"] = stacked[None]  # (1, N, S, C)
-                else:
-                    inputs["image_features"] = stacked  # (N, P, C)
-            out.append(inputs)
-        return out
+            for key, f in zip(todo, computed, strict=True):
+                self.features.put(key, f)
+                found[key] = f
+        return found
 
     # -- joining --------------------------------------------------------------------------------
 
-    def _prefill(self, request: Request, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Run one prompt alone; copy its cache into the next free rows (one per choice); return its last
-        logits (1, V)."""
-        params = request.params
-        ids = inputs.pop("input_ids")
-        mask = inputs.pop("attention_mask", None)
-        session = self.model.start_session(
-            ids, attention_mask=mask, config=GenerationConfig(max_new_tokens=1), **inputs
-        )
-        logits = session.prefill()
+    def _run_prompt(
+        self, request: Request, prompt: Prompt, features: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Run the prompt's uncached part straight into the next free row, after its cached blocks; give
+        each further choice a copy of the row; keep the prompt's blocks. Returns the last logits (1, V)."""
+        row, block = len(self.rows), self.prefix.block
+        ids = prompt.ids
         L = ids.shape[1]
-        first = len(self.rows)
-        for layer, cache in zip(self._layers(), self.caches, strict=True):
-            own = layer.self_attn.kv_cache
-            for j in range(params.n):
-                cache.k[first + j, :, :L] = own.k[0, :, :L]
-                cache.v[first + j, :, :L] = own.v[0, :, :L]
+        again = self.prefix.match(prompt.hashes)[: (L - 1) // block]  # blocks kept since the plan
+        if len(again) > len(prompt.reused):
+            prompt.reused = again
+        start = len(prompt.reused) * block
+        if start:
+            self.kv[:, :, row, :, :start] = torch.cat(prompt.reused, dim=3)
+        pos = torch.arange(start, L, device=ids.device)
+        kwargs = dict(
+            attention_mask=None, position_ids=pos[None], input_pos=pos, key_len=L, kv_caches=self.cache_map
+        )
+        step_cross = None
+        for cache in self.caches:
+            cache.prompt_row = row
+        try:
+            if self.idefics:
+                states = self._stack(prompt, features)
+                iam = request.inputs.get("image_attention_mask")
+                cross = None if states is None else self.model.cross_context(states, iam[:, start:])
+                base = self.model.model
+                hidden = base(base.embed_tokens(ids[:, start:]), cross=cross, **kwargs)
+                logits = self.model.lm_head(hidden[:, -1])
+                if cross is not None:  # decode steps attend to what the last prompt token attends to
+                    step = self.model.cross_context(states, iam[:, -1:], kv=cross.kv)
+                    step_cross = (step.kv, step.mask, step.gate)
+            else:
+                rest = ids[:, start:]
+                n_image = int((rest == self.model.config.image_token_index).sum())
+                tail = None
+                if n_image:  # the features of the image tokens after the cached blocks
+                    needed = [features[k] for k, need in zip(prompt.keys, prompt.needed, strict=True) if need]
+                    tail = torch.cat(needed)[-n_image:][None]
+                lm = self.model.language_model
+                logits = lm(lm.model(self.model.embed_inputs(rest, tail), **kwargs)[:, -1])
+        finally:
+            for cache in self.caches:
+                cache.prompt_row = None
+        for j in range(1, request.params.n):
+            self.kv[:, :, row + j, :, :L] = self.kv[:, :, row, :, :L]
         if self.idefics:
-            self._join_cross(session.rows.get("cross"), first, params.n)
-        self._install_caches()
+            self._join_cross(step_cross, row, request.params.n)
+        self.prefix.put(prompt.hashes, lambda b: self.kv[:, :, row, :, b * block : (b + 1) * block])
+        self.prefix.hit_tokens += start
         return logits
+
+    def _stack(self, prompt: Prompt, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """IDEFICS image states (1, N, S, C) for a prompt; pictures no remaining token attends to are zeros
+        (masked out), and None when no remaining token attends to any."""
+        have = [features[k] for k, need in zip(prompt.keys, prompt.needed, strict=True) if need]
+        if not have:
+            return None
+        zeros = torch.zeros_like(have[0])
+        return torch.stack(
+            [features[k] if need else zeros for k, need in zip(prompt.keys, prompt.needed, strict=True)]
+        )[None]
 
     def _join_cross(self, cross: tuple | None, first: int, n: int) -> None:
         """Copy a new row's image keys/values (or none) into the padded per-row cross context."""
@@ -391,20 +554,21 @@ class Engine:
         if not joining:
             return
         try:
-            all_inputs = self._image_inputs(joining)
+            prompts = [self._plan(r) for r in joining]
+            features = self._features(joining, prompts)
         except Exception as e:  # a bad image batch: fail those requests, keep serving
             for r in joining:
                 self._finish_request(r, "error", e)
             return
-        for r, inputs in zip(joining, all_inputs, strict=True):
+        for r, prompt in zip(joining, prompts, strict=True):
             try:
-                self._start_rows(r, inputs)
+                self._start_rows(r, prompt, features)
             except Exception as e:
                 self._finish_request(r, "error", e)
 
-    def _start_rows(self, request: Request, inputs: dict[str, torch.Tensor]) -> None:
-        ids = inputs["input_ids"]
-        logits = self._prefill(request, dict(inputs))
+    def _start_rows(self, request: Request, prompt: Prompt, features: dict[str, torch.Tensor]) -> None:
+        ids = prompt.ids
+        logits = self._run_prompt(request, prompt, features)
         config = request.params.config(self.eos, self.pad)
         request.open_rows = request.params.n
         seed = request.params.seed
@@ -421,6 +585,7 @@ class Engine:
                 length=ids.shape[1],
                 decoder=IncrementalDecoder(self.tokenizer),
                 generator=gen,
+                prompt=prompt,
             )
             self.rows.append(row)
             self._take(row, logits[0])
@@ -467,9 +632,13 @@ class Engine:
         stops = [row.text.find(s) for s in row.request.params.stop if s and s in row.text]
         return min(stops) if stops else None
 
-    def _end_row(self, row: Row, reason: str, error: str | None = None) -> None:
+    def _end_row(self, row: Row, reason: str, error: str | None = None, *, keep: bool = True) -> None:
+        """Finish a row; keep its blocks (prompt and answer) for a follow-up turn that repeats them."""
         row.pending = None
         row.finished = True
+        if keep:
+            r, block = next(i for i, x in enumerate(self.rows) if x is row), self.prefix.block
+            self.prefix.put(self._row_hashes(row), lambda b: self.kv[:, :, r, :, b * block : (b + 1) * block])
         req = row.request
         req.emit(Event(row.index, finish_reason=reason, error=error))
         req.open_rows -= 1
@@ -492,6 +661,7 @@ class Engine:
             position_ids=lengths[:, None],
             input_pos=torch.tensor([key_len - 1], device=device),
             key_len=key_len,
+            kv_caches=self.cache_map,
         )
         if self.idefics:
             c = self.cross
@@ -527,9 +697,7 @@ class Engine:
             if new == old:
                 continue
             L = self.rows[old].length + 1
-            for cache in self.caches:
-                cache.k[new, :, :L] = cache.k[old, :, :L]
-                cache.v[new, :, :L] = cache.v[old, :, :L]
+            self.kv[:, :, new, :, :L] = self.kv[:, :, old, :, :L]
             if self.cross is not None:
                 for k, v in self.cross.kv:
                     k[new] = k[old]
@@ -547,7 +715,6 @@ class Engine:
         request.done.set()
 
     def _loop(self) -> None:
-        self._install_caches()
         try:
             while True:
                 with torch.inference_mode():
@@ -566,5 +733,5 @@ class Engine:
             self.error = e
             for r in self.rows:
                 if not r.finished:
-                    self._end_row(r, "error", f"engine failure: {e}")
+                    self._end_row(r, "error", f"engine failure: {e}", keep=False)
             raise

@@ -127,6 +127,12 @@ class Metrics:
         self.queue_depth.set_function(lambda: engine.queue_depth)
         self.batch_size.set_function(lambda: engine.running)
         self.cache_hits.set_function(lambda: engine.features.hits)
+        self.prefix_hits = Gauge(
+            "vlmkit_prefix_cache_hit_tokens", "prompt tokens taken from the prefix cache, not run", registry=r
+        )
+        self.prefix_hits.set_function(lambda: engine.prefix.hit_tokens)
+        self.prefix_blocks = Gauge("vlmkit_prefix_cache_blocks", "blocks in the prefix cache", registry=r)
+        self.prefix_blocks.set_function(lambda: len(engine.prefix.items))
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -437,6 +443,7 @@ def serve(
     max_queue: int = 64,
     max_seq_len: int = 1024,
     feature_cache: int = 256,
+    prefix_cache_mb: float = 1024,
     limits: ServerLimits | None = None,
     dtype: str | None = None,
     device: str | None = None,
@@ -460,6 +467,7 @@ def serve(
         max_queue=max_queue,
         max_images=limits.max_images,
         feature_cache=feature_cache,
+        prefix_cache_mb=prefix_cache_mb,
     ).start()
     app = create_app(vlm, engine, model_name=model, limits=limits)
 
