@@ -2,16 +2,19 @@
 called per request in turn, on the same random-weight checkpoint, in one run.
 
 The checkpoint has the demo model's tokenizer and chat template and a bigger body (default: a 12-layer
-768-wide LLaMA, a CLIP-B/16 tower at 224 px). Requests are shapes-world questions, each with its own picture,
-greedy, `max_tokens` new tokens. For 1, 4 and 16 concurrent clients (each sends its next request when its
-last one is answered):
-- vlmkit: a live server on 127.0.0.1, the official `openai` client in threads; aggregate completion tokens/s
-  and p50/p99 request latency.
-- transformers: the same requests, the same inputs (vlmkit's processor), `generate` one request at a time;
-  its latencies are those of the same closed loop of clients served first come, first served.
-Then time to first token of a new picture and of a repeated one (the image-feature cache), streamed.
+768-wide LLaMA, a CLIP-B/16 tower at 224 px). Requests are shapes-world questions, greedy. Each run is
+WORKLOAD:MAX_TOKENS:CLIENTS, clients in a closed loop (each sends its next request when its last one is
+answered):
+- fresh: every request a new picture, one question (2 x clients requests, at least 8);
+- chat: every client a conversation of three turns about its own picture: a question, then two follow-ups
+  that resend the conversation so far (picture included), as chat clients do.
+vlmkit: `vlmkit serve` in its own process on 127.0.0.1, the official `openai` client in threads; aggregate
+completion tokens/s and p50/p99 request latency. transformers: the same requests (the conversations as
+vlmkit's clients sent them), the same inputs (vlmkit's processor), `generate` one request at a time; its
+latencies are those of the same closed loop of clients served first come, first served.
+Then time to first token of a new picture and of the same request again (prefix and feature caches).
 
-    .venv/bin/python benchmarks/serve.py [--family vipllava] [--clients 1 4 16] [--max-tokens 24]
+    .venv/bin/python benchmarks/serve.py [--family vipllava] [--runs fresh:24:1 fresh:24:16 chat:24:16 ...]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -79,6 +83,9 @@ def build(folder: Path, family: str, layers: int, width: int) -> None:
     init_model(config, seed=0).save_pretrained(folder)
 
 
+FOLLOW_UPS = ["Are you sure? Look again.", "What else is in the picture?"]
+
+
 def requests(family: str, n: int, seed: int) -> list:
     from vlmkit.demo.shapes import QUESTION_TYPES, make_example
 
@@ -92,14 +99,24 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def closed_loop(service: list[float], clients: int) -> list[float]:
-    """Latencies of requests served one at a time, first come first served, by `clients` clients that each
-    send their next request when the last is answered (all start at 0)."""
+def closed_loop(service: list[list[float]], clients: int) -> list[float]:
+    """Latencies of requests served one at a time, first come first served, when `clients` clients work
+    through the jobs (each a list of turns' service times) in order, each sending its next request when
+    its last is answered (all start at 0)."""
     ready = [(0.0, c) for c in range(clients)]  # (time the client's next request arrives, client)
     heapq.heapify(ready)
+    pending = [list(job) for job in service]  # turns left per job
+    owner: dict[int, int] = {}  # client -> job it is working through
+    jobs = iter(range(len(service)))
     free_at, latencies = 0.0, []
-    for s in service:
+    while ready:
         arrive, c = heapq.heappop(ready)
+        if c not in owner or not pending[owner[c]]:
+            j = next(jobs, None)
+            if j is None:
+                continue
+            owner[c] = j
+        s = pending[owner[c]].pop(0)
         start = max(arrive, free_at)
         free_at = start + s
         latencies.append(free_at - arrive)
@@ -107,46 +124,58 @@ def closed_loop(service: list[float], clients: int) -> list[float]:
     return latencies
 
 
-def reference(folder: Path, family: str, batch: list, max_tokens: int) -> tuple[list[float], list[int]]:
-    """transformers' generate per request: service times and completion tokens."""
-    from transformers import AutoModelForImageTextToText, IdeficsForVisionText2Text
+class Reference:
+    """transformers' generate per request, with vlmkit's processor for the inputs."""
 
-    import vlmkit
-    from vlmkit.vlm import user_turn
+    def __init__(self, folder: Path, family: str) -> None:
+        from transformers import AutoModelForImageTextToText, IdeficsForVisionText2Text
 
-    cls = IdeficsForVisionText2Text if family == "idefics" else AutoModelForImageTextToText
-    model = cls.from_pretrained(folder, dtype=torch.float32).eval()
-    vlm = vlmkit.VLM(vlmkit.load_model(folder), vlmkit.load_processor(folder))  # its processor only
-    eos = vlm._settings({})["eos_token_id"]
-    times, tokens = [], []
-    for i, ex in enumerate([batch[0], *batch]):  # the first is a warm-up
+        import vlmkit
+
+        cls = IdeficsForVisionText2Text if family == "idefics" else AutoModelForImageTextToText
+        self.model = cls.from_pretrained(folder, dtype=torch.float32).eval()
+        self.vlm = vlmkit.VLM(vlmkit.load_model(folder), vlmkit.load_processor(folder))  # its processor only
+        self.eos = self.vlm._settings({})["eos_token_id"]
+
+    def __call__(self, conversation: list[dict], max_tokens: int) -> tuple[float, int]:
+        """Service time and completion tokens of one request."""
         start = time.perf_counter()
-        inputs = vlm.chat_inputs([user_turn(ex.question, ex.images)])
+        inputs = self.vlm.chat_inputs(conversation)
         with torch.inference_mode():
-            out = model.generate(
-                **inputs, max_new_tokens=max_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0
+            out = self.model.generate(
+                **inputs, max_new_tokens=max_tokens, do_sample=False, eos_token_id=self.eos, pad_token_id=0
             )
         new = out[0, inputs["input_ids"].shape[1] :].tolist()
-        if i:
-            times.append(time.perf_counter() - start)
-            tokens.append(next((j + 1 for j, t in enumerate(new) if t in eos), len(new)))
-    return times, tokens
+        return time.perf_counter() - start, next(
+            (j + 1 for j, t in enumerate(new) if t in self.eos), len(new)
+        )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=["vipllava", "idefics"], default="vipllava")
-    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        default=["fresh:24:1", "fresh:24:4", "fresh:24:16", "fresh:128:16", "chat:24:16"],
+        help="WORKLOAD:MAX_TOKENS:CLIENTS, workload fresh or chat",
+    )
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--width", type=int, default=768)
     args = ap.parse_args()
     torch.set_num_threads(2)
+    runs = []
+    for run in args.runs:
+        workload, max_tokens, clients = run.split(":")
+        if workload not in ("fresh", "chat"):
+            raise SystemExit(f"unknown workload {workload!r} in {run!r}: use fresh or chat")
+        runs.append((workload, int(max_tokens), int(clients)))
 
     import httpx
     import openai
-    from test_serve import free_port
-    from test_serve import openai_messages as messages
+    from test_serve import data_uri, free_port
+
+    from vlmkit.vlm import user_turn
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -171,63 +200,97 @@ def main() -> None:
             time.sleep(0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
 
-        def ask(ex) -> tuple[float, int]:
-            start = time.perf_counter()
-            r = client.chat.completions.create(
-                model="bench", messages=messages(ex), max_tokens=args.max_tokens, temperature=0
-            )
-            return time.perf_counter() - start, r.usage.completion_tokens
+        def converse(ex, turns: int, max_tokens: int) -> list[tuple[float, int, list[dict]]]:
+            """One client's conversation: per turn its latency, completion tokens and the conversation sent
+            (in vlmkit's message form, for the reference)."""
+            parts = [{"type": "image_url", "image_url": {"url": data_uri(im)}} for im in ex.images]
+            sent = [{"role": "user", "content": [*parts, {"type": "text", "text": ex.question}]}]
+            ours = [user_turn(ex.question, ex.images)]
+            out = []
+            for t in range(turns):
+                start = time.perf_counter()
+                r = client.chat.completions.create(
+                    model="bench", messages=sent, max_tokens=max_tokens, temperature=0
+                )
+                out.append((time.perf_counter() - start, r.usage.completion_tokens, list(ours)))
+                answer = r.choices[0].message.content
+                if t + 1 < turns:
+                    follow = FOLLOW_UPS[t % len(FOLLOW_UPS)]
+                    sent += [{"role": "assistant", "content": answer}, {"role": "user", "content": follow}]
+                    ours += [
+                        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                        user_turn(follow),
+                    ]
+            return out
 
-        ask(requests(args.family, 1, 999)[0])  # warm-up
-        rows = []
-        for clients in args.clients:
-            batch = requests(args.family, max(8, 2 * clients), seed=clients)
+        converse(requests(args.family, 1, 999)[0], 1, 4)  # warm-up
+        measured = []
+        for workload, max_tokens, clients in runs:
+            turns = 3 if workload == "chat" else 1
+            jobs = requests(
+                args.family, clients if turns > 1 else max(8, 2 * clients), seed=clients + max_tokens
+            )
             start = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
-                results = list(pool.map(ask, batch))
+                done = list(pool.map(partial(converse, turns=turns, max_tokens=max_tokens), jobs))
             wall = time.perf_counter() - start
+            flat = [turn for job in done for turn in job]
             ours = {
-                "tok_s": sum(t for _, t in results) / wall,
-                "p50": pct([s for s, _ in results], 0.5),
-                "p99": pct([s for s, _ in results], 0.99),
+                "tok_s": sum(t for _, t, _ in flat) / wall,
+                "p50": pct([s for s, _, _ in flat], 0.5),
+                "p99": pct([s for s, _, _ in flat], 0.99),
             }
-            service, tokens = reference(folder, args.family, batch, args.max_tokens)
-            lat = closed_loop(service, clients)
-            ref = {"tok_s": sum(tokens) / sum(service), "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
-            rows.append((clients, len(batch), ref, ours))
-
-        def first_token(ex) -> float:
-            start = time.perf_counter()
-            stream = client.chat.completions.create(
-                model="bench", messages=messages(ex), max_tokens=2, temperature=0, stream=True
-            )
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    break
-            elapsed = time.perf_counter() - start
-            for _ in stream:
-                pass
-            return elapsed
-
+            measured.append((workload, max_tokens, clients, len(flat), ours, done))
         fresh, repeated = [], []
         for ex in requests(args.family, 5, seed=4242):
-            fresh.append(first_token(ex))
-            repeated.append(first_token(ex))
+            fresh.append(first_token(client, ex))
+            repeated.append(first_token(client, ex))
         server.terminate()
         server.wait(30)
 
+        reference = Reference(folder, args.family)
+        reference(measured[0][5][0][0][2], 4)  # warm-up
+        rows = []
+        for workload, max_tokens, clients, n, ours, done in measured:
+            service = [[reference(conv, max_tokens) for _, _, conv in job] for job in done]
+            lat = closed_loop([[s for s, _ in job] for job in service], clients)
+            tokens = sum(t for job in service for _, t in job)
+            seconds = sum(s for job in service for s, _ in job)
+            ref = {"tok_s": tokens / seconds, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+            rows.append((workload, max_tokens, clients, n, ref, ours))
+
     print(f"\n{args.family}: {args.layers}-layer {args.width}-wide LLaMA, CLIP-B/16 at 224 px, fp32, greedy")
-    print("| clients | requests | tok/s tf → vlmkit | p50 latency tf → vlmkit | p99 latency tf → vlmkit |")
-    print("|---|---|---|---|---|")
-    for clients, n, ref, ours in rows:
+    print(
+        "| workload | max tokens | clients | requests | tok/s tf → vlmkit | p50 latency tf → vlmkit "
+        "| p99 latency tf → vlmkit |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for workload, max_tokens, clients, n, ref, ours in rows:
         print(
-            f"| {clients} | {n} | {ref['tok_s']:.1f} → {ours['tok_s']:.1f} (**{ours['tok_s'] / ref['tok_s']:.2f}x**) "
-            f"| {ref['p50']:.2f} → {ours['p50']:.2f} s | {ref['p99']:.2f} → {ours['p99']:.2f} s |"
+            f"| {workload} | {max_tokens} | {clients} | {n} | {ref['tok_s']:.1f} → {ours['tok_s']:.1f} "
+            f"(**{ours['tok_s'] / ref['tok_s']:.2f}x**) | {ref['p50']:.2f} → {ours['p50']:.2f} s "
+            f"| {ref['p99']:.2f} → {ours['p99']:.2f} s |"
         )
     f, r = statistics.median(fresh), statistics.median(repeated)
     print(
         f"\ntime to first token: new picture {f * 1000:.0f} ms, repeated picture {r * 1000:.0f} ms ({f / r:.2f}x)"
     )
+
+
+def first_token(client, ex) -> float:
+    from test_serve import openai_messages
+
+    start = time.perf_counter()
+    stream = client.chat.completions.create(
+        model="bench", messages=openai_messages(ex), max_tokens=2, temperature=0, stream=True
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    elapsed = time.perf_counter() - start
+    for _ in stream:
+        pass
+    return elapsed
 
 
 if __name__ == "__main__":

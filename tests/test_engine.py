@@ -11,6 +11,7 @@ from PIL import Image
 
 import vlmkit
 from vlmkit.serve.engine import Engine, PrefixCache, QueueFull, Request, SamplingParams
+from vlmkit.vipllava.model import VipLlavaModel
 
 
 def picture(seed: int) -> Image.Image:
@@ -218,3 +219,30 @@ def test_generate_beside_a_running_engine(vlm):
     finally:
         engine.stop(10)
     assert beside == want and [g[0] for g in got] == want
+
+
+def test_a_malformed_request_fails_alone(vlm):
+    """A request whose tokens do not fit its pictures fails with a message; the one joining with it in the
+    same round is answered."""
+    good = vlm.inputs("Describe this.", [picture(30)])
+    ids = good["input_ids"]
+    # LLaVA: one picture token fewer than the picture needs; IDEFICS: ids one shorter than the image mask
+    llava = isinstance(vlm.model, VipLlavaModel)
+    cut = ids[0].tolist().index(vlm.model.config.image_token_index) if llava else 1
+    keep = torch.arange(ids.shape[1]) != cut
+    bad = {**good, "input_ids": ids[:, keep], "attention_mask": good["attention_mask"][:, keep]}
+    want = vlm.generate("Describe this.", images=[picture(30)], max_new_tokens=5)
+    events: dict[str, list] = {"good": [], "bad": []}
+    engine = Engine(vlm.model, vlm.tokenizer, max_batch=4, max_seq_len=128)
+    jobs = {}
+    for name, inputs in (("bad", bad), ("good", good)):
+        jobs[name] = Request(inputs=inputs, params=SamplingParams(max_tokens=5), emit=events[name].append)
+        engine.submit(jobs[name])
+    engine.start()  # both join in the first round
+    try:
+        assert jobs["good"].done.wait(60) and jobs["bad"].done.wait(60)
+    finally:
+        engine.stop(10)
+    assert "".join(e.text for e in events["good"]) == want
+    (end,) = [e for e in events["bad"] if e.finish_reason]
+    assert end.finish_reason == "error" and end.error

@@ -173,6 +173,7 @@ def test_a_repeated_image_is_not_encoded_again(live):
     assert live.engine.features.misses == misses
     block = live.engine.prefix.block
     assert live.engine.prefix.hit_tokens - reused == (first.usage.prompt_tokens - 1) // block * block
+    assert again.usage.prompt_tokens_details.cached_tokens == (first.usage.prompt_tokens - 1) // block * block
     shown = httpx.get(live.url + "/metrics").text
     assert metric(shown, "vlmkit_prefix_cache_hit_tokens") == live.engine.prefix.hit_tokens > 0
 

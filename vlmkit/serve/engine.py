@@ -29,6 +29,7 @@ import torch
 
 from vlmkit.generation import GenerationConfig, process_logits, sample
 from vlmkit.idefics.model import CrossContext, IdeficsModel
+from vlmkit.llama import check_text_inputs
 from vlmkit.modules import optimize_for_cpu_inference
 from vlmkit.tokenizer import IncrementalDecoder
 from vlmkit.vipllava.model import VipLlavaModel
@@ -82,6 +83,7 @@ class Request:
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
     completion_tokens: int = 0
     open_rows: int = 0
     done: threading.Event = field(default_factory=threading.Event)
@@ -352,14 +354,22 @@ class Engine:
         """Hash the prompt's blocks (with its pictures), find the cached start of it, and mark the
         pictures that the rest still needs."""
         inputs = request.inputs
-        ids = inputs["input_ids"]
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        check_text_inputs(ids, mask, None)
+        if ids.shape[0] != 1 or (mask is not None and not bool(mask.all())):
+            raise ValueError(
+                f"the engine takes one unpadded prompt per request; got input_ids {tuple(ids.shape)}"
+                + ("" if mask is None else f" with {int((mask == 0).sum())} padding positions")
+            )
         px = inputs.get("pixel_values")
+        iam = inputs.get("image_attention_mask")
+        if self.idefics:
+            self.model.check_inputs(ids, pixel_values=px, image_attention_mask=iam)
         pixels = [] if px is None else (list(px[0]) if self.idefics else list(px))
         keys = [FeatureCache.key(p) for p in pixels]
         block = self.prefix.block
         marks: dict[int, bytes] = {}
         answer_sees: list[int] = []
-        iam = inputs.get("image_attention_mask")
         if self.idefics and iam is not None and keys:
             # each token's keys/values depend on the pictures it attends to (and on earlier tokens)
             for t, n in iam[0].nonzero().tolist():
@@ -367,7 +377,12 @@ class Engine:
             answer_sees = iam[0, -1].nonzero()[:, 0].tolist()
         elif keys and not self.idefics:
             where = (ids[0] == self.model.config.image_token_index).nonzero()[:, 0].tolist()
-            per = len(where) // len(keys)
+            per = self.model.config.image_tokens_per_image
+            if len(where) != per * len(keys):
+                raise ValueError(
+                    f"input_ids hold {len(where)} <image> tokens but {len(keys)} image(s) need "
+                    f"{per * len(keys)} ({per} per image); build inputs with the model's processor"
+                )
             for j, key in enumerate(keys):
                 first = where[j * per]
                 marks[first // block] = marks.get(first // block, b"") + key.encode()
@@ -479,6 +494,8 @@ class Engine:
             self._join_cross(step_cross, row, request.params.n)
         self.prefix.put(prompt.hashes, lambda b: self.kv[:, :, row, :, b * block : (b + 1) * block])
         self.prefix.hit_tokens += start
+        request.cached_tokens = start
+        prompt.reused = []  # the row holds them now; let the cache alone decide their lifetime
         return logits
 
     def _stack(self, prompt: Prompt, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -553,8 +570,15 @@ class Engine:
             free -= r.params.n
         if not joining:
             return
+        planned: list[tuple[Request, Prompt]] = []
+        for r in joining:
+            try:
+                planned.append((r, self._plan(r)))
+            except Exception as e:  # a malformed request fails alone
+                self._finish_request(r, "error", e)
+        joining = [r for r, _ in planned]
+        prompts = [p for _, p in planned]
         try:
-            prompts = [self._plan(r) for r in joining]
             features = self._features(joining, prompts)
         except Exception as e:  # a bad image batch: fail those requests, keep serving
             for r in joining:

@@ -320,11 +320,12 @@ def create_app(vlm: Any, engine: Engine, *, model_name: str, limits: ServerLimit
             "usage": usage(job),
         }
 
-    def usage(job: EngineRequest) -> dict[str, int]:
+    def usage(job: EngineRequest) -> dict[str, Any]:
         return {
             "prompt_tokens": job.prompt_tokens,
             "completion_tokens": job.completion_tokens,
             "total_tokens": job.prompt_tokens + job.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens},
         }
 
     def finished(job: EngineRequest) -> None:
