@@ -133,7 +133,10 @@ class Reference:
         import vlmkit
 
         cls = IdeficsForVisionText2Text if family == "idefics" else AutoModelForImageTextToText
-        self.model = cls.from_pretrained(folder, dtype=torch.float32).eval()
+        # transformers 5.23 cannot build an IDEFICS model whose alpha_initializer is "normal" (it calls
+        # torch.normal with an int size); the alphas are loaded from the checkpoint anyway
+        extra = {"alpha_initializer": "zeros"} if family == "idefics" else {}
+        self.model = cls.from_pretrained(folder, dtype=torch.float32, **extra).eval()
         self.vlm = vlmkit.VLM(vlmkit.load_model(folder), vlmkit.load_processor(folder))  # its processor only
         self.eos = self.vlm._settings({})["eos_token_id"]
 
