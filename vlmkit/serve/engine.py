@@ -348,7 +348,7 @@ class Engine:
         self.cache_map = dict(zip(attn, self.caches, strict=True))
         self.cross: CrossContext | None = None  # IDEFICS: per-row keys/values, mask and gate, padded
 
-    # -- images ---------------------------------------------------------------------------------
+    # -- planning: cached blocks and pictures ---------------------------------------------------
 
     def _plan(self, request: Request) -> Prompt:
         """Hash the prompt's blocks (with its pictures), find the cached start of it, and mark the
@@ -367,15 +367,14 @@ class Engine:
             self.model.check_inputs(ids, pixel_values=px, image_attention_mask=iam)
         pixels = [] if px is None else (list(px[0]) if self.idefics else list(px))
         keys = [FeatureCache.key(p) for p in pixels]
-        block = self.prefix.block
         marks: dict[int, bytes] = {}
         answer_sees: list[int] = []
-        if self.idefics and iam is not None and keys:
-            # each token's keys/values depend on the pictures it attends to (and on earlier tokens)
+        if keys and self.idefics:  # (check_inputs made sure the image mask is there and fits)
+            # a token's keys/values depend on the pictures it attends to (and on earlier tokens)
             for t, n in iam[0].nonzero().tolist():
                 self._mark(marks, t, keys[n])
             answer_sees = iam[0, -1].nonzero()[:, 0].tolist()
-        elif keys and not self.idefics:
+        elif keys:
             where = (ids[0] == self.model.config.image_token_index).nonzero()[:, 0].tolist()
             per = self.model.config.image_tokens_per_image
             if len(where) != per * len(keys):
@@ -383,12 +382,12 @@ class Engine:
                     f"input_ids hold {len(where)} <image> tokens but {len(keys)} image(s) need "
                     f"{per * len(keys)} ({per} per image); build inputs with the model's processor"
                 )
-            for j, key in enumerate(keys):
-                first = where[j * per]
-                marks[first // block] = marks.get(first // block, b"") + key.encode()
+            for j, key in enumerate(keys):  # a picture's features fill its run of <image> tokens
+                self._mark(marks, where[j * per], key)
             last = [where[(j + 1) * per - 1] for j in range(len(keys))]
         tokens = ids[0].tolist()
         hashes = self.prefix.hashes(tokens, marks)
+        block = self.prefix.block
         reused = self.prefix.match(hashes)[: (len(tokens) - 1) // block]  # at least one token runs
         start = len(reused) * block
         if self.idefics:
@@ -467,7 +466,7 @@ class Engine:
             cache.prompt_row = row
         try:
             if self.idefics:
-                states = self._stack(prompt, features)
+                states = self._states(prompt, features)
                 iam = request.inputs.get("image_attention_mask")
                 cross = None if states is None else self.model.cross_context(states, iam[:, start:])
                 base = self.model.model
@@ -498,7 +497,7 @@ class Engine:
         prompt.reused = []  # the row holds them now; let the cache alone decide their lifetime
         return logits
 
-    def _stack(self, prompt: Prompt, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def _states(self, prompt: Prompt, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """IDEFICS image states (1, N, S, C) for a prompt; pictures no remaining token attends to are zeros
         (masked out), and None when no remaining token attends to any."""
         have = [features[k] for k, need in zip(prompt.keys, prompt.needed, strict=True) if need]
