@@ -10,8 +10,9 @@ answered):
   that resend the conversation so far (picture included), as chat clients do.
 vlmkit: `vlmkit serve` in its own process on 127.0.0.1, the official `openai` client in threads; aggregate
 completion tokens/s and p50/p99 request latency. transformers: the same requests (the conversations as
-vlmkit's clients sent them), the same inputs (vlmkit's processor), `generate` one request at a time; its
-latencies are those of the same closed loop of clients served first come, first served.
+vlmkit's clients sent them), the same inputs (vlmkit's processor), `generate` one request at a time, run
+right after vlmkit's run (this machine's speed drifts); its latencies are those of the same closed loop of
+clients served first come, first served.
 Then time to first token of a new picture and of the same request again (prefix and feature caches).
 
     .venv/bin/python benchmarks/serve.py [--family vipllava] [--runs fresh:24:1 fresh:24:16 chat:24:16 ...]
@@ -227,7 +228,9 @@ def main() -> None:
             return out
 
         converse(requests(args.family, 1, 999)[0], 1, 4)  # warm-up
-        measured = []
+        reference = Reference(folder, args.family)
+        reference([user_turn("warm-up", requests(args.family, 1, 999)[0].images)], 4)
+        rows = []
         for workload, max_tokens, clients in runs:
             turns = 3 if workload == "chat" else 1
             jobs = requests(
@@ -243,24 +246,19 @@ def main() -> None:
                 "p50": pct([s for s, _, _ in flat], 0.5),
                 "p99": pct([s for s, _, _ in flat], 0.99),
             }
-            measured.append((workload, max_tokens, clients, len(flat), ours, done))
+            # right after, so that the two see the same machine (a shared one drifts by tens of percent)
+            service = [[reference(conv, max_tokens) for _, _, conv in job] for job in done]
+            lat = closed_loop([[s for s, _ in job] for job in service], clients)
+            tokens = sum(t for job in service for _, t in job)
+            seconds = sum(s for job in service for s, _ in job)
+            ref = {"tok_s": tokens / seconds, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+            rows.append((workload, max_tokens, clients, len(flat), ref, ours))
         fresh, repeated = [], []
         for ex in requests(args.family, 5, seed=4242):
             fresh.append(first_token(client, ex))
             repeated.append(first_token(client, ex))
         server.terminate()
         server.wait(30)
-
-        reference = Reference(folder, args.family)
-        reference(measured[0][5][0][0][2], 4)  # warm-up
-        rows = []
-        for workload, max_tokens, clients, n, ours, done in measured:
-            service = [[reference(conv, max_tokens) for _, _, conv in job] for job in done]
-            lat = closed_loop([[s for s, _ in job] for job in service], clients)
-            tokens = sum(t for job in service for _, t in job)
-            seconds = sum(s for job in service for s, _ in job)
-            ref = {"tok_s": tokens / seconds, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
-            rows.append((workload, max_tokens, clients, n, ref, ours))
 
     print(f"\n{args.family}: {args.layers}-layer {args.width}-wide LLaMA, CLIP-B/16 at 224 px, fp32, greedy")
     print(
