@@ -346,10 +346,13 @@ def test_a_cancelled_or_disconnected_request_frees_its_row(random_model):
 
 
 def test_sigterm_drains_in_flight_requests(random_model, tmp_path):
+    """`python -m vlmkit serve` with the prefix cache off: nothing is kept or reused; SIGTERM mid-stream
+    lets the stream finish, then the process exits."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlmkit.cli", "serve", "--model", str(random_model), "--port", str(port)],
+        [sys.executable, "-m", "vlmkit", "serve", "--model", str(random_model), "--port", str(port)]
+        + ["--prefix-cache-mb", "0"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -363,6 +366,11 @@ def test_sigterm_drains_in_flight_requests(random_model, tmp_path):
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
+        ask = {"prompt": "the same words, long enough to fill some blocks of sixteen tokens", "max_tokens": 2}
+        for _ in range(2):
+            usage = httpx.post(base + "/v1/completions", json=ask, timeout=60).json()["usage"]
+            assert usage["prompt_tokens"] > 16 and usage["prompt_tokens_details"]["cached_tokens"] == 0
+        assert metric(httpx.get(base + "/metrics").text, "vlmkit_prefix_cache_blocks") == 0
         body = {"prompt": "hello there", "max_tokens": 200, "stream": True}
         chunks = []
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
