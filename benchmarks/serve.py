@@ -177,7 +177,7 @@ def main() -> None:
 
     import httpx
     import openai
-    from test_serve import data_uri, free_port
+    from test_serve import free_port, openai_messages
 
     from vlmkit.vlm import user_turn
 
@@ -207,8 +207,7 @@ def main() -> None:
         def converse(ex, turns: int, max_tokens: int) -> list[tuple[float, int, list[dict]]]:
             """One client's conversation: per turn its latency, completion tokens and the conversation sent
             (in vlmkit's message form, for the reference)."""
-            parts = [{"type": "image_url", "image_url": {"url": data_uri(im)}} for im in ex.images]
-            sent = [{"role": "user", "content": [*parts, {"type": "text", "text": ex.question}]}]
+            sent = openai_messages(ex)
             ours = [user_turn(ex.question, ex.images)]
             out = []
             for t in range(turns):

@@ -115,8 +115,8 @@ def test_bad_requests_are_refused_before_they_queue(vlm):
 def run_one(engine: Engine, inputs: dict, max_tokens: int) -> tuple[str, int]:
     """One request alone: its text and the prompt tokens it took from the prefix cache."""
     before = engine.prefix.hit_tokens
-    (text,) = run_all(engine, [(inputs, SamplingParams(max_tokens=max_tokens))])[0:1]
-    return text[0], engine.prefix.hit_tokens - before
+    text = run_all(engine, [(inputs, SamplingParams(max_tokens=max_tokens))])[0][0]
+    return text, engine.prefix.hit_tokens - before
 
 
 def test_prefix_cache_reuses_blocks_and_keeps_outputs(vlm):

@@ -116,12 +116,16 @@ class Prompt:
     cached blocks still needs, its block hashes and the cached blocks it starts with."""
 
     ids: torch.Tensor  # (1, L)
+    pixels: list[torch.Tensor]  # one (C, H, W) per picture
     keys: list[str]
     needed: list[bool]
     marks: dict[int, bytes]
     hashes: list[bytes]
     reused: list[torch.Tensor]
     answer_sees: list[int] = field(default_factory=list)  # IDEFICS: the pictures generated tokens attend to
+
+    def needed_features(self, features: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [features[k] for k, need in zip(self.keys, self.needed, strict=True) if need]
 
 
 class RowKVCache(torch.nn.Module):
@@ -375,13 +379,9 @@ class Engine:
                 self._mark(marks, t, keys[n])
             answer_sees = iam[0, -1].nonzero()[:, 0].tolist()
         elif keys:
+            self.model.check_image_tokens(ids, len(keys))
             where = (ids[0] == self.model.config.image_token_index).nonzero()[:, 0].tolist()
             per = self.model.config.image_tokens_per_image
-            if len(where) != per * len(keys):
-                raise ValueError(
-                    f"input_ids hold {len(where)} <image> tokens but {len(keys)} image(s) need "
-                    f"{per * len(keys)} ({per} per image); build inputs with the model's processor"
-                )
             for j, key in enumerate(keys):  # a picture's features fill its run of <image> tokens
                 self._mark(marks, where[j * per], key)
             last = [where[(j + 1) * per - 1] for j in range(len(keys))]
@@ -394,7 +394,7 @@ class Engine:
             needed = [bool(iam[0, start:, n].any()) for n in range(len(keys))]
         else:
             needed = [last[j] >= start for j in range(len(keys))]
-        return Prompt(ids, keys, needed, marks, hashes, reused, answer_sees)
+        return Prompt(ids, pixels, keys, needed, marks, hashes, reused, answer_sees)
 
     def _mark(self, marks: dict[int, bytes], t: int, key: str) -> None:
         """Note that token t's keys/values depend on the picture `key`."""
@@ -411,6 +411,11 @@ class Engine:
                 self._mark(marks, t, prompt.keys[n])
         return self.prefix.hashes(row.sequence[0, : row.length].tolist(), marks)
 
+    def _keep_blocks(self, row: int, hashes: list[bytes]) -> None:
+        """Give the prefix cache the blocks of cache row `row` that `hashes` name."""
+        block = self.prefix.block
+        self.prefix.put(hashes, lambda b: self.kv[:, :, row, :, b * block : (b + 1) * block])
+
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Features of a stack of single images (K, C, H, W): LLaVA (K, P, C), IDEFICS states (K, S, C)."""
         if self.idefics:
@@ -418,15 +423,13 @@ class Engine:
             return self.model.encode_images(pixel_values=pixels[:, None], image_attention_mask=ones)[:, 0]
         return self.model.get_image_features(pixels)
 
-    def _features(self, joining: list[Request], prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+    def _features(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
         """Features of every picture some joining prompt still needs: from the cache, or computed for all of
         them in one call of the vision tower."""
         found: dict[str, torch.Tensor] = {}
         todo: dict[str, torch.Tensor] = {}
-        for r, prompt in zip(joining, prompts, strict=True):
-            px = r.inputs.get("pixel_values")
-            pixels = [] if px is None else (list(px[0]) if self.idefics else list(px))
-            for key, p, need in zip(prompt.keys, pixels, prompt.needed, strict=True):
+        for prompt in prompts:
+            for key, p, need in zip(prompt.keys, prompt.pixels, prompt.needed, strict=True):
                 if not need or key in found or key in todo:
                     continue
                 hit = self.features.get(key)
@@ -480,8 +483,7 @@ class Engine:
                 n_image = int((rest == self.model.config.image_token_index).sum())
                 tail = None
                 if n_image:  # the features of the image tokens after the cached blocks
-                    needed = [features[k] for k, need in zip(prompt.keys, prompt.needed, strict=True) if need]
-                    tail = torch.cat(needed)[-n_image:][None]
+                    tail = torch.cat(prompt.needed_features(features))[-n_image:][None]
                 lm = self.model.language_model
                 logits = lm(lm.model(self.model.embed_inputs(rest, tail), **kwargs)[:, -1])
         finally:
@@ -491,7 +493,7 @@ class Engine:
             self.kv[:, :, row + j, :, :L] = self.kv[:, :, row, :, :L]
         if self.idefics:
             self._join_cross(step_cross, row, request.params.n)
-        self.prefix.put(prompt.hashes, lambda b: self.kv[:, :, row, :, b * block : (b + 1) * block])
+        self._keep_blocks(row, prompt.hashes)
         self.prefix.hit_tokens += start
         request.cached_tokens = start
         prompt.reused = []  # the row holds them now; let the cache alone decide their lifetime
@@ -500,7 +502,7 @@ class Engine:
     def _states(self, prompt: Prompt, features: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """IDEFICS image states (1, N, S, C) for a prompt; pictures no remaining token attends to are zeros
         (masked out), and None when no remaining token attends to any."""
-        have = [features[k] for k, need in zip(prompt.keys, prompt.needed, strict=True) if need]
+        have = prompt.needed_features(features)
         if not have:
             return None
         zeros = torch.zeros_like(have[0])
@@ -575,15 +577,13 @@ class Engine:
                 planned.append((r, self._plan(r)))
             except Exception as e:  # a malformed request fails alone
                 self._finish_request(r, "error", e)
-        joining = [r for r, _ in planned]
-        prompts = [p for _, p in planned]
         try:
-            features = self._features(joining, prompts)
+            features = self._features([prompt for _, prompt in planned])
         except Exception as e:  # a bad image batch: fail those requests, keep serving
-            for r in joining:
+            for r, _ in planned:
                 self._finish_request(r, "error", e)
             return
-        for r, prompt in zip(joining, prompts, strict=True):
+        for r, prompt in planned:
             try:
                 self._start_rows(r, prompt, features)
             except Exception as e:
@@ -660,8 +660,7 @@ class Engine:
         row.pending = None
         row.finished = True
         if keep:
-            r, block = next(i for i, x in enumerate(self.rows) if x is row), self.prefix.block
-            self.prefix.put(self._row_hashes(row), lambda b: self.kv[:, :, r, :, b * block : (b + 1) * block])
+            self._keep_blocks(next(i for i, x in enumerate(self.rows) if x is row), self._row_hashes(row))
         req = row.request
         req.emit(Event(row.index, finish_reason=reason, error=error))
         req.open_rows -= 1

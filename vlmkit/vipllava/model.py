@@ -153,6 +153,17 @@ class VipLlavaModel(GenerationMixin, SavePretrainedMixin, nn.Module):
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
+    def check_image_tokens(self, input_ids: torch.Tensor, n_images: int) -> None:
+        """Raise unless input_ids hold exactly one run of `<image>` tokens per image."""
+        n_tokens = int((input_ids == self.config.image_token_index).sum())
+        per = self.config.image_tokens_per_image
+        if n_tokens != n_images * per:
+            raise ValueError(
+                f"Image features and image tokens do not match: input_ids hold {n_tokens} <image> tokens but "
+                f"{n_images} image(s) need {n_images * per} ({per} per image); build inputs with the model's "
+                "processor"
+            )
+
     def start_session(
         self,
         input_ids: torch.Tensor,
@@ -170,18 +181,12 @@ class VipLlavaModel(GenerationMixin, SavePretrainedMixin, nn.Module):
             raise ValueError(
                 f"pixel_values must have shape (num_images, channels, height, width); got {tuple(pixel_values.shape)}"
             )
-        n_tokens = int((input_ids == self.config.image_token_index).sum())
         n_images = (
             pixel_values.shape[0]
             if pixel_values is not None
             else (image_features.shape[0] if image_features is not None else 0)
         )
-        if n_tokens != n_images * self.config.image_tokens_per_image:
-            per = self.config.image_tokens_per_image
-            raise ValueError(
-                f"Image features and image tokens do not match: input_ids hold {n_tokens} <image> tokens but "
-                f"{n_images} image(s) need {n_images * per} ({per} per image)"
-            )
+        self.check_image_tokens(input_ids, n_images)
         return LlavaSession(
             self, input_ids, attention_mask, pixel_values, image_features, config.max_new_tokens
         )
