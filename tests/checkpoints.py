@@ -22,17 +22,21 @@ def build_llava_checkpoint(
     vision: dict | None = None,
     image_size: int = 30,
     patch_size: int = 6,
+    model_type: str = "llava",
+    **top,
 ):
-    """A LLaVA-1.5-shaped model whose vocabulary is a real (tiny) tokenizer's, with its processor files."""
+    """A LLaVA-1.5-shaped (or, with model_type="vipllava", ViP-LLaVA-shaped) model whose vocabulary is a
+    real (tiny) tokenizer's, with its processor files."""
     from transformers import AutoTokenizer, CLIPImageProcessorPil, LlavaProcessor
 
     folder = Path(folder)
     build_tokenizer(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     cfg = hf_llava_config(
-        "llava",
+        model_type,
         text={"vocab_size": len(tok), **(text or {})},
         vision={"image_size": image_size, "patch_size": patch_size, **(vision or {})},
+        **top,
     )
     cfg.image_token_index = tok.convert_tokens_to_ids("<image>")
     cfg.text_config.eos_token_id = tok.eos_token_id

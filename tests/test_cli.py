@@ -15,8 +15,9 @@ from checkpoints import build_llava_checkpoint
 from PIL import Image
 
 import vlmkit
+import vlmkit.cli
 from vlmkit.cli import bench_command, chat_loop, convert_command, generate_command, info_command, main
-from vlmkit.vipllava.visual_prompts import draw_visual_prompts
+from vlmkit.visual_prompts import draw_visual_prompts
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 BOX = '{"type": "rectangle", "box": [4, 4, 28, 28], "color": "red"}'
@@ -140,3 +141,51 @@ def test_bench_reports_what_it_measured(checkpoint, capsys):
     assert out["new_tokens"] == 3 and out["batch_size"] == 1
     assert main(["bench", "--model", str(folder), "--new-tokens", "1"]) == 2
     assert "new_tokens >= 2" in capsys.readouterr().err
+
+
+def test_serve_flags_are_the_config_fields(monkeypatch):
+    """`vlmkit serve` builds its flags from EngineConfig and ServerConfig: the same defaults, the old names."""
+    import vlmkit.serve.server
+    from vlmkit.serve.config import EngineConfig, ServerConfig
+
+    calls = []
+    monkeypatch.setattr(vlmkit.serve.server, "serve", lambda model, **kw: calls.append((model, kw)))
+    assert main(["serve"]) == 0
+    assert calls[-1] == ("demo", dict(engine=EngineConfig(), server=ServerConfig(), dtype=None, device=None))
+    flags = "--max-batch 3 --max-queue 5 --max-seq-len 99 --max-images 1 --max-image-pixels 100 --timeout 2.5"
+    flags += " --max-body-bytes 1000 --feature-cache 7 --prefix-cache-mb 0 --api-key k --allow-remote-images"
+    flags += " --host 0.0.0.0 --port 9 --model m --dtype bfloat16 --device cpu"
+    assert main(["serve", *flags.split()]) == 0
+    engine = EngineConfig(
+        max_batch=3, max_queue=5, max_seq_len=99, max_images=1, feature_cache=7, prefix_cache_mb=0
+    )
+    server = ServerConfig(
+        host="0.0.0.0",
+        port=9,
+        api_key="k",
+        allow_remote_images=True,
+        max_body_bytes=1000,
+        max_image_pixels=100,
+        request_timeout=2.5,
+    )
+    assert calls[-1] == ("m", dict(engine=engine, server=server, dtype="bfloat16", device="cpu"))
+
+
+def test_sampling_flags(monkeypatch):
+    from vlmkit.generation import DEFAULT_MAX_NEW_TOKENS
+
+    calls = []
+    monkeypatch.setattr(vlmkit.cli, "generate_command", lambda *a, **kw: calls.append(kw) or "")
+    assert main(["generate", "hi"]) == 0
+    assert calls[-1]["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS and calls[-1]["repetition_penalty"] == 1.0
+    assert "do_sample" not in calls[-1]  # greedy: top-k and top-p do not apply
+    assert (
+        main(["generate", "hi", "--temperature", "0.7", "--top-k", "5", "--repetition-penalty", "1.3"]) == 0
+    )
+    got = calls[-1]
+    assert (got["do_sample"], got["temperature"], got["top_k"], got["repetition_penalty"]) == (
+        True,
+        0.7,
+        5,
+        1.3,
+    )

@@ -18,8 +18,8 @@ import vlmkit
 from vlmkit.cli import generate_command
 from vlmkit.demo.build import IMAGE_SIZE
 from vlmkit.demo.shapes import EXAMPLES, QUESTION_TYPES, handmade, make_example
+from vlmkit.models import BUILTIN_DIR, builtin_model, resolve_model
 from vlmkit.vlm import user_turn
-from vlmkit.weights import BUILTIN_DIR, builtin_model, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = {"vipllava": "demo", "idefics": "demo-idefics"}
@@ -61,12 +61,12 @@ def test_handmade_held_out_set(demo):
 
 
 def test_builtin_names_and_a_missing_model(monkeypatch, tmp_path):
-    assert resolve_checkpoint("demo") == resolve_checkpoint("demo-vipllava") == BUILTIN_DIR / "vipllava"
-    assert resolve_checkpoint("demo-idefics") == BUILTIN_DIR / "idefics"
+    assert resolve_model("demo") == resolve_model("demo-vipllava") == BUILTIN_DIR / "vipllava"
+    assert resolve_model("demo-idefics") == BUILTIN_DIR / "idefics"
     size = sum(f.stat().st_size for d in ("vipllava", "idefics") for f in (BUILTIN_DIR / d).iterdir())
     assert size <= 20 * 2**20, f"built-in models take {size / 2**20:.1f} MiB (limit 20)"
     assert vlmkit.load_model("demo-idefics").config.to_hf()["model_type"] == "idefics"
-    monkeypatch.setattr("vlmkit.weights.BUILTIN_DIR", tmp_path)
+    monkeypatch.setattr("vlmkit.models.BUILTIN_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="make demo-models"):
         builtin_model("demo")
     with pytest.raises(ValueError, match="built-in"):

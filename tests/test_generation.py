@@ -298,3 +298,16 @@ def test_stop_strings_match_transformers(with_tokenizer):
         assert torch.equal(out, ref), (stops, tok.batch_decode(out[:, T:]), tok.batch_decode(ref[:, T:]))
         outs.append(out)
     assert outs[0].shape[1] < free.shape[1] or bool((outs[0][:, T:] == 0).any())
+
+
+def test_stop_strings_find_the_earliest_completed_occurrence():
+    """One stop-string implementation for generate and the server: an occurrence counts when it ends in
+    the new text, and the cut is at the earliest such start."""
+    from vlmkit.generation import StopStrings
+
+    stops = StopStrings(["END", "D!", ""])
+    assert stops.find("", "no stop here") is None
+    assert stops.find("the EN", "the END!") == 4  # "END" ends in the new text; "D!" starts later
+    assert stops.find("the END", "the END and more") is None  # completed earlier, not now
+    assert stops.find("xx", "xxD!") == 2
+    assert StopStrings([]).find("", "anything") is None

@@ -281,7 +281,7 @@ def test_kv_cache_with_image_keys_values_computed_once(tmp_path_factory):
                 embeds[:, :k],
                 attention_mask=mask[:, :k],
                 position_ids=pos[:, :k],
-                cross=ctx,
+                state=ctx,
                 input_pos=torch.arange(k),
             )
             steps = [model.lm_head(h)]
@@ -291,7 +291,7 @@ def test_kv_cache_with_image_keys_values_computed_once(tmp_path_factory):
                     embeds[:, t : t + 1],
                     attention_mask=mask[:, : t + 1],
                     position_ids=pos[:, t : t + 1],
-                    cross=ctx,
+                    state=ctx,
                     input_pos=torch.tensor([t]),
                 )
                 steps.append(model.lm_head(h))

@@ -7,7 +7,7 @@ import torch
 from oracle import hf_llava_config, hf_llava_model, llava_inputs, tokens_per_image
 
 import vlmkit
-from vlmkit.modules import dense, optimize_for_cpu_inference
+from vlmkit.fastpath import FusedLinears, dense, optimize_for_cpu_inference
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,8 @@ def test_cpu_layouts_keep_outputs_and_step_aside(tmp_path):
     hf.save_pretrained(tmp_path)
     model = vlmkit.load_model(tmp_path)
     attn = model.language_model.model.layers[0].self_attn
-    assert attn._fused_qkv is not None and model.language_model.model.layers[0].mlp._fused_gate_up is not None
+    assert isinstance(attn.project_qkv, FusedLinears)
+    assert isinstance(model.language_model.model.layers[0].mlp.project_gate_up, FusedLinears)
     inputs = llava_inputs(cfg, batch=1)
     with torch.no_grad():
         ref = hf(**inputs).logits
@@ -161,7 +162,7 @@ def test_cpu_layouts_keep_outputs_and_step_aside(tmp_path):
     with torch.no_grad():
         attn.q_proj.weight.data = attn.q_proj.weight.data.clone() * 0  # re-assigned: the fused copy is stale
         changed = model(**inputs).logits
-        assert not attn._fused_qkv.usable(attn.q_proj, attn.k_proj, attn.v_proj)
+        assert not attn.project_qkv.usable()
         assert (changed - ref).abs().max() > 1e-3
     model = vlmkit.load_model(tmp_path).to(torch.float64)
     with torch.no_grad():
@@ -197,11 +198,11 @@ def test_batched_layout_keeps_outputs_and_switches_back(tmp_path):
     hf.save_pretrained(tmp_path)
     model = vlmkit.load_model(tmp_path)
     mlp = model.language_model.model.layers[0].mlp
-    assert not mlp._fused_gate_up.weight.is_contiguous()  # one-row layout after loading
+    assert not mlp.project_gate_up.weight.is_contiguous()  # one-row layout after loading
     optimize_for_cpu_inference(model, batched=True)
-    assert mlp._fused_gate_up.weight.is_contiguous()
+    assert mlp.project_gate_up.weight.is_contiguous()
     with torch.no_grad():
-        assert mlp._fused_gate_up.usable(mlp.gate_proj, mlp.up_proj)
+        assert mlp.project_gate_up.usable()
     assert all(p.is_contiguous() for p in model.parameters())
     for batch in (1, 3):
         inputs = llava_inputs(cfg, batch=batch)
@@ -210,7 +211,7 @@ def test_batched_layout_keeps_outputs_and_switches_back(tmp_path):
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in hf_state_in_our_names(hf).items())
     optimize_for_cpu_inference(model, batched=False)
-    assert not mlp._fused_gate_up.weight.is_contiguous()
+    assert not mlp.project_gate_up.weight.is_contiguous()
     with torch.no_grad():
         assert (model(**inputs).logits - hf(**inputs).logits).abs().max() < 1e-5
 
@@ -220,3 +221,23 @@ def hf_state_in_our_names(hf):
     from vlmkit.weights import remap_keys
 
     return remap_keys(dict(hf.state_dict()), KEY_MAP)
+
+
+def test_fused_projection_steps_aside_for_a_wrapped_layer(tmp_path):
+    """A wrapper put in place of q_proj (as peft's LoRA does) turns the fused q/k/v product off by itself:
+    the wrapper's output is used."""
+    cfg = hf_llava_config("vipllava", vision_feature_layers=[-1], text=dict(num_key_value_heads=2))
+    hf = hf_llava_model(cfg)
+    hf.save_pretrained(tmp_path)
+    model = vlmkit.load_model(tmp_path)
+    attn = model.language_model.model.layers[0].self_attn
+    inputs = llava_inputs(cfg, batch=1)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        assert attn.project_qkv.usable()
+        attn.q_proj = torch.nn.Sequential(attn.q_proj)  # same output, another module
+        assert not attn.project_qkv.usable()
+        assert (model(**inputs).logits - ref).abs().max() < 1e-5
+        attn.q_proj = torch.nn.Sequential(attn.q_proj[0], torch.nn.Dropout(0.0), torch.nn.Identity())
+        attn.q_proj[0].weight.data = attn.q_proj[0].weight.data * 2  # the wrapper's weights are what count
+        assert (model(**inputs).logits - ref).abs().max() > 1e-4

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import random
 import signal
@@ -27,12 +28,16 @@ from PIL import Image
 
 import vlmkit
 from vlmkit.demo.shapes import QUESTION_TYPES, make_example
+from vlmkit.generation import DEFAULT_MAX_NEW_TOKENS
+from vlmkit.serve.config import EngineConfig, ServerConfig
 from vlmkit.serve.engine import Engine, Event, Request, SamplingParams
-from vlmkit.serve.server import ServerLimits, create_app
+from vlmkit.serve.errors import EngineFailure, InvalidRequest, QueueFull, RequestTimeout
+from vlmkit.serve.server import create_app
 from vlmkit.vlm import user_turn
 
 NAMES = {"vipllava": "demo", "idefics": "demo-idefics"}
-LIMITS = dict(max_body_bytes=1_000_000, max_images=2, max_image_pixels=512 * 512, request_timeout=30.0)
+ENGINE = dict(max_batch=8, max_seq_len=256, max_images=2)
+LIMITS = dict(max_body_bytes=1_000_000, max_image_pixels=512 * 512, request_timeout=30.0)
 
 
 def free_port() -> int:
@@ -44,13 +49,11 @@ def free_port() -> int:
 class Live:
     """A server in a background thread of this process."""
 
-    def __init__(self, vlm, *, name: str, engine_kw: dict | None = None, **limits) -> None:
+    def __init__(self, vlm, *, name: str, engine_kw: dict | None = None, **config) -> None:
         self.vlm = vlm
-        self.engine = Engine(
-            vlm.model, vlm.tokenizer, **{"max_batch": 8, "max_seq_len": 256, **(engine_kw or {})}
-        )
+        self.engine = Engine(vlm.model, vlm.tokenizer, **{**ENGINE, **(engine_kw or {})})
         self.engine.start()
-        app = create_app(vlm, self.engine, model_name=name, limits=ServerLimits(**{**LIMITS, **limits}))
+        app = create_app(vlm, self.engine, model_name=name, config=ServerConfig(**{**LIMITS, **config}))
         self.port = free_port()
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -61,7 +64,7 @@ class Live:
             time.sleep(0.02)
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = openai.OpenAI(
-            base_url=self.url + "/v1", api_key=limits.get("api_key") or "none", max_retries=0
+            base_url=self.url + "/v1", api_key=config.get("api_key") or "none", max_retries=0
         )
 
     def close(self) -> None:
@@ -139,6 +142,18 @@ def test_plain_streaming_n_and_stop(live):
     ]
     assert [len(s.choices) for s in sampled] == [3, 3] and [c.index for c in sampled[0].choices] == [0, 1, 2]
     assert [c.message.content for c in sampled[0].choices] == [c.message.content for c in sampled[1].choices]
+    # vLLM's extra fields reach the same GenerationConfig as `generate`: top_k=1 samples the greedy answer
+    ex = exs[1]
+    r = live.client.chat.completions.create(
+        model="x",
+        messages=openai_messages(ex),
+        max_tokens=24,
+        temperature=1.5,
+        seed=3,
+        extra_body={"top_k": 1, "repetition_penalty": 1.5},
+    )
+    penalised = live.vlm.chat([user_turn(ex.question, ex.images)], max_new_tokens=24, repetition_penalty=1.5)
+    assert r.choices[0].message.content == penalised
     r = live.client.completions.create(model="x", prompt="Describe the image.", max_tokens=4, temperature=0)
     assert r.object == "text_completion" and r.usage.completion_tokens <= 4
     assert [m.id for m in live.client.models.list().data] == [NAMES[live.family]]
@@ -301,7 +316,7 @@ def long_request(vlm, n_tokens: int, events: list) -> Request:
 def test_queue_full_is_429_with_retry_after_and_api_key(random_model):
     vlm = vlmkit.VLM.load(random_model)
     engine = Engine(vlm.model, vlm.tokenizer, max_batch=2, max_seq_len=128, max_queue=1)  # never started
-    app = create_app(vlm, engine, model_name="m", limits=ServerLimits(api_key="sekret"))
+    app = create_app(vlm, engine, model_name="m", config=ServerConfig(api_key="sekret"))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -388,10 +403,91 @@ def test_sigterm_drains_in_flight_requests(random_model, tmp_path):
             proc.kill()
 
 
+class ScriptedEngine:
+    """Stands in for the engine: records each request's settings and answers it with `answer`, an
+    EngineError that `submit` raises or that arrives as the request's error event, or a text."""
+
+    config = EngineConfig()
+    error = None
+    queue_depth = running = 0
+
+    def __init__(self, answer, *, at_submit: bool = False) -> None:
+        self.answer, self.at_submit, self.requests = answer, at_submit, []
+
+    def submit(self, request: Request) -> None:
+        if self.at_submit:
+            raise self.answer
+        self.requests.append(request)
+        if isinstance(self.answer, str):
+            request.emit(Event(0, text=self.answer))
+            request.emit(Event(0, finish_reason="stop"))
+        else:
+            request.emit(Event(0, finish_reason="error", error=self.answer))
+
+
+class NoModel:
+    """Stands in for the VLM: the server only hands what its processor makes to the engine."""
+
+    def inputs(self, prompt: str) -> dict:
+        return {"prompt": prompt}
+
+    def chat_inputs(self, messages: list) -> dict:
+        return {"messages": messages}
+
+
+@pytest.mark.parametrize(
+    ("error", "at_submit", "status", "kind"),
+    [
+        (InvalidRequest("prompt too long"), True, 400, "invalid_request_error"),
+        (QueueFull("1 request is already waiting"), True, 429, "rate_limit_error"),
+        # the status comes from the kind: "engine" in the message no longer makes it a 500
+        (RequestTimeout("the engine did not finish in time"), False, 408, "timeout_error"),
+        (EngineFailure("a step failed"), False, 500, "server_error"),
+    ],
+)
+def test_engine_errors_map_to_status_and_type_by_kind_and_are_logged(error, at_submit, status, kind, caplog):
+    from fastapi.testclient import TestClient
+
+    engine = ScriptedEngine(error, at_submit=at_submit)
+    client = TestClient(create_app(NoModel(), engine, model_name="m", config=ServerConfig(retry_after=7)))
+    with caplog.at_level(logging.WARNING, logger="vlmkit.serve"):
+        r = client.post("/v1/completions", json={"prompt": "hi"})
+    assert r.status_code == status and r.json()["error"]["type"] == kind
+    assert str(error) in r.json()["error"]["message"]
+    assert (r.headers.get("retry-after") == "7") == (status == 429)
+    logged = [rec.getMessage() for rec in caplog.records if rec.name == "vlmkit.serve"]
+    assert len(logged) == 1 and logged[0].startswith("cmpl-") and str(error) in logged[0]
+    if not at_submit:  # streamed, the error event ends the stream with an OpenAI error body
+        r = client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True}
+        )
+        last = json.loads(r.text.strip().splitlines()[-1].removeprefix("data: "))
+        assert last["error"]["type"] == kind and "[DONE]" not in r.text
+
+
+def test_sampling_fields_reach_the_engine():
+    from fastapi.testclient import TestClient
+
+    engine = ScriptedEngine("ok")
+    client = TestClient(create_app(NoModel(), engine, model_name="m"))
+    r = client.post("/v1/completions", json={"prompt": "hi"})
+    assert r.json()["choices"][0]["text"] == "ok" and r.json()["id"].startswith("cmpl-")
+    assert engine.requests[0].params == SamplingParams(max_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=1.0)
+    assert engine.requests[0].id == r.json()["id"]
+    ask = {"prompt": "hi", "top_k": 5, "repetition_penalty": 1.2, "max_tokens": 3, "stop": "x", "seed": 1}
+    client.post("/v1/completions", json=ask)
+    params = engine.requests[1].params
+    assert (params.top_k, params.repetition_penalty, params.max_tokens, params.stop) == (5, 1.2, 3, ["x"])
+    for bad in ({"top_k": -1}, {"repetition_penalty": 0}, {"top_k": 1.5}):
+        r = client.post("/v1/completions", json={"prompt": "hi", **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == next(iter(bad)), r.text
+    assert len(engine.requests) == 2
+
+
 def test_the_page_is_served(random_model):
     vlm = vlmkit.VLM.load(random_model)
     engine = Engine(vlm.model, vlm.tokenizer, max_batch=1, max_seq_len=64)
-    app = create_app(vlm, engine, model_name="m", limits=ServerLimits(api_key="k"))
+    app = create_app(vlm, engine, model_name="m", config=ServerConfig(api_key="k"))
     from fastapi.testclient import TestClient
 
     page = TestClient(app).get("/")

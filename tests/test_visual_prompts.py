@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmkit.vipllava.visual_prompts import COLORS, default_width, draw_visual_prompts
+from vlmkit.visual_prompts import COLORS, default_width, draw_visual_prompts
 
 W, H = 200, 160
 

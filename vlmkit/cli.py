@@ -10,6 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from vlmkit.bench import bench_command
+from vlmkit.models import DEFAULT_MODEL
+
 
 def finetune_parser(sub: argparse._SubParsersAction) -> None:
     from vlmkit.train.finetune import TRAIN_MODES, FinetuneConfig
@@ -34,20 +37,8 @@ def finetune_parser(sub: argparse._SubParsersAction) -> None:
         "lora: LoRA adapters (peft); full: everything",
     )
     p.add_argument("--lora-targets", nargs="+", default=defaults.lora_targets)
-    for name in (
-        "lora_r",
-        "lora_alpha",
-        "epochs",
-        "max_steps",
-        "batch_size",
-        "grad_accum",
-        "warmup_steps",
-        "max_length",
-        "seed",
-        "save_every",
-        "eval_every",
-        "init_seed",
-    ):
+    integers = "lora_r lora_alpha epochs max_steps batch_size grad_accum warmup_steps max_length seed "
+    for name in (integers + "save_every eval_every init_seed").split():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     for name in ("lora_dropout", "lr", "weight_decay", "min_lr_ratio", "max_grad_norm"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
@@ -91,10 +82,18 @@ def merge_lora_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    from vlmkit.generation import DEFAULT_MAX_NEW_TOKENS
+
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0, help="with sampling")
+    p.add_argument("--top-k", type=int, default=50, help="with sampling; 0: off")
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="> 1 makes repeating a token less likely; 1: off",
+    )
     p.add_argument("--seed", type=int, help="for sampling")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
     p.add_argument("--device", default=None)
@@ -103,7 +102,7 @@ def sampling_arguments(p: argparse.ArgumentParser) -> None:
 def sampling(args: argparse.Namespace) -> dict:
     import torch
 
-    settings = {"max_new_tokens": args.max_new_tokens}
+    settings = {"max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
     if args.temperature > 0:
         settings.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
         if args.seed is not None:
@@ -114,7 +113,7 @@ def sampling(args: argparse.Namespace) -> dict:
 def prompted_images(paths: Sequence[str], prompts: Sequence[str]) -> list:
     """Load the images; draw the visual prompts (JSON specs) on the first one."""
     from vlmkit.images import load_image
-    from vlmkit.vipllava.visual_prompts import draw_visual_prompts
+    from vlmkit.visual_prompts import draw_visual_prompts
 
     if prompts and not paths:
         raise ValueError("--visual-prompt needs an --image to draw on")
@@ -124,7 +123,6 @@ def prompted_images(paths: Sequence[str], prompts: Sequence[str]) -> list:
     return images
 
 
-DEFAULT_MODEL = "demo"  # the built-in ViP-LLaVA demo model; "demo-idefics" is the IDEFICS one
 MODEL_HELP = "checkpoint folder, hub id, or built-in demo model: demo (ViP-LLaVA, the default), demo-idefics"
 
 
@@ -251,10 +249,10 @@ def chat_parser(sub: argparse._SubParsersAction) -> None:
 
 def info_command(model: str) -> dict[str, Any]:
     """Family, parameter counts per part, dtype and files of a checkpoint."""
-    from vlmkit.models import load_model
-    from vlmkit.weights import read_config, resolve_checkpoint
+    from vlmkit.models import load_model, resolve_model
+    from vlmkit.weights import read_config
 
-    folder = resolve_checkpoint(model)
+    folder = resolve_model(model)
     raw = read_config(folder)
     m = load_model(folder)
     owner = m.model if hasattr(m, "model") else m
@@ -297,11 +295,10 @@ def info_parser(sub: argparse._SubParsersAction) -> None:
 def convert_command(model: str, output_dir: str, *, dtype: str | None = None) -> str:
     """Re-save a checkpoint (any accepted layout, .bin included) as safetensors in the published layout,
     with its processor files."""
-    from vlmkit.models import load_model
+    from vlmkit.models import load_model, resolve_model
     from vlmkit.train.finetune import copy_processor_files
-    from vlmkit.weights import resolve_checkpoint
 
-    folder = resolve_checkpoint(model)
+    folder = resolve_model(model)
     load_model(folder, dtype=dtype).save_pretrained(output_dir)
     copy_processor_files(folder, Path(output_dir))
     return output_dir
@@ -318,74 +315,6 @@ def convert_parser(sub: argparse._SubParsersAction) -> None:
         return 0
 
     p.set_defaults(run=run)
-
-
-def bench_command(
-    model: str = DEFAULT_MODEL,
-    *,
-    batch_size: int = 1,
-    new_tokens: int = 32,
-    prompt: str = "Describe the image.",
-    image: str | None = None,
-    repeats: int = 3,
-    dtype: str | None = None,
-    device: str | None = None,
-) -> dict[str, Any]:
-    """Load time, time to first token, decode speed and peak memory of greedy generation: `batch_size`
-    copies of one prompt and image, exactly `new_tokens` new tokens each, the median of `repeats` runs."""
-    import resource
-    import statistics
-    import time
-
-    import torch
-
-    from vlmkit.demo.shapes import random_scene, render
-    from vlmkit.vlm import VLM
-
-    if batch_size < 1 or new_tokens < 2 or repeats < 1:
-        raise ValueError(
-            f"need batch_size >= 1, new_tokens >= 2 and repeats >= 1, got {batch_size}, {new_tokens}, {repeats}"
-        )
-    start = time.perf_counter()
-    vlm = VLM.load(model, dtype=dtype, device=device, progress=True)
-    load_s = time.perf_counter() - start
-    if image is not None:
-        picture = prompted_images([image], [])[0]
-    else:  # a shapes-world scene: any picture costs the same
-        import random
-
-        picture = render(random_scene(random.Random(0), 336, 3), 336)
-    one = vlm.inputs(prompt, [picture])
-    inputs = {k: v.repeat(batch_size, *([1] * (v.dim() - 1))) for k, v in one.items()}
-    settings = vlm._settings({"max_new_tokens": new_tokens, "min_new_tokens": new_tokens})
-    ttft, decode = [], []
-    for _ in range(repeats):
-        if vlm.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        times = []
-        for _tokens in vlm.model.stream_tokens(**inputs, **settings):
-            if vlm.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter())
-        ttft.append(times[0] - t0)
-        decode.append(batch_size * (len(times) - 1) / (times[-1] - times[0]))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return {
-        "model": model,
-        "model_type": vlm.model.config.to_hf()["model_type"],
-        "parameters": sum(p.numel() for p in vlm.model.parameters()),
-        "dtype": str(next(vlm.model.parameters()).dtype).removeprefix("torch."),
-        "device": str(vlm.device),
-        "batch_size": batch_size,
-        "prompt_tokens": int(one["input_ids"].shape[1]),
-        "new_tokens": new_tokens,
-        "load_s": load_s,
-        "ttft_s": statistics.median(ttft),
-        "decode_tok_s": statistics.median(decode),
-        "peak_rss_gb": rss / 1e9,
-        "peak_cuda_gb": torch.cuda.max_memory_allocated() / 1e9 if vlm.device.type == "cuda" else None,
-    }
 
 
 def bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -427,6 +356,8 @@ def bench_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def serve_parser(sub: argparse._SubParsersAction) -> None:
+    from vlmkit.serve.config import EngineConfig, ServerConfig, add_flags, from_args
+
     p = sub.add_parser(
         "serve",
         help="an OpenAI-compatible HTTP server with continuous batching",
@@ -434,51 +365,19 @@ def serve_parser(sub: argparse._SubParsersAction) -> None:
         "GET /v1/models, /health, /metrics, and a page at / to chat and draw visual prompts.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and /")
-    p.add_argument("--allow-remote-images", action="store_true", help="accept http(s) image URLs")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + completion tokens per request")
-    p.add_argument("--max-images", type=int, default=4, help="images per request")
-    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096)
-    p.add_argument("--max-body-bytes", type=int, default=20 * 2**20)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--feature-cache", type=int, default=256, help="images whose features are kept")
-    p.add_argument(
-        "--prefix-cache-mb",
-        type=float,
-        default=1024,
-        help="memory for keys/values of prompt blocks kept for reuse by prompts that start the same way "
-        "(a repeated picture, a follow-up turn); 0 turns it off",
-    )
-    p.add_argument("--dtype")
-    p.add_argument("--device")
+    add_flags(p, ServerConfig)
+    add_flags(p, EngineConfig)
+    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
 
     def run(args: argparse.Namespace) -> int:
-        from vlmkit.serve.server import ServerLimits, serve
+        import logging
 
-        serve(
-            args.model,
-            host=args.host,
-            port=args.port,
-            max_batch=args.max_batch,
-            max_queue=args.max_queue,
-            max_seq_len=args.max_seq_len,
-            feature_cache=args.feature_cache,
-            prefix_cache_mb=args.prefix_cache_mb,
-            limits=ServerLimits(
-                max_body_bytes=args.max_body_bytes,
-                max_images=args.max_images,
-                max_image_pixels=args.max_image_pixels,
-                request_timeout=args.timeout,
-                allow_remote_images=args.allow_remote_images,
-                api_key=args.api_key,
-            ),
-            dtype=args.dtype,
-            device=args.device,
-        )
+        from vlmkit.serve.server import serve
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(name)s: %(message)s")
+        engine, server = from_args(EngineConfig, args), from_args(ServerConfig, args)
+        serve(args.model, engine=engine, server=server, dtype=args.dtype, device=args.device)
         return 0
 
     p.set_defaults(run=run)

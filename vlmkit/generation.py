@@ -3,24 +3,29 @@
 
 The pieces, smallest first: `process_logits` (the reference's logits processors, in its order), `sample`
 (pick the next token), `decode_tokens` (the one generator of token ids that generate, streaming, the CLI and
-the server consume), `beam_search`, and `GenerationMixin.generate`. A model provides `start_session`, which
+the server consume), `vlmkit.beams.beam_search`, and `GenerationMixin.generate`. A model provides `start_session`, which
 runs the prompt once (vision tower, projector or resampler, cross-attention keys/values, prefill) and
-returns a `Session` whose `step` feeds one token per row through the cache.
+returns a `vlmkit.runner.DecoderSession` whose `step` feeds one token per row through the cache.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from vlmkit.runner import DecoderSession
+
 # -------------------------------------------------------------------------------------------------
 # Settings
 # -------------------------------------------------------------------------------------------------
+
+# The answer budget wherever a person asks (VLM, CLI, server) and sets none. `GenerationConfig` keeps the
+# reference's own default (20) so that `model.generate` matches transformers call for call.
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 @dataclass
@@ -195,51 +200,39 @@ def sample(
 
 
 class StopStrings:
-    """Finds, per row, the step at which generated text first completes one of the stop strings."""
+    """Stop strings, found in text as it grows. One implementation for `generate` (which asks, per token,
+    whether the last token completed one, as the reference's StopStringCriteria) and the server (which
+    also cuts its answer where the first completed one starts)."""
 
-    def __init__(self, stop_strings: Sequence[str], decode: Callable[[list[int]], str]) -> None:
-        self.stop_strings = list(stop_strings)
+    def __init__(self, stop_strings: Sequence[str], decode: Callable[[list[int]], str] | None = None) -> None:
+        self.stop_strings = [s for s in stop_strings if s]
         self.decode = decode
-        self.window = 8 + max(
-            len(s) for s in self.stop_strings
-        )  # tokens of context that cover any stop string
+        # tokens of context that cover any stop string
+        self.window = 8 + max((len(s) for s in self.stop_strings), default=0)
+
+    def find(self, before: str, now: str) -> int | None:
+        """Where the earliest stop string that `now` completes starts: an occurrence that ends past
+        `before` (the text one step earlier, a prefix of `now`); None when there is none."""
+        found = [
+            at
+            for s in self.stop_strings
+            if (at := now.find(s, max(0, len(before) - len(s) + 1))) >= 0 and at + len(s) > len(before)
+        ]
+        return min(found) if found else None
 
     def hit(self, tokens: list[int]) -> bool:
-        """True when the last token completes a stop string: an occurrence in the text ends inside the last
-        token's text (so it was not complete one token earlier), as the reference's StopStringCriteria."""
+        """True when the last token completes a stop string (decoding the last `window` tokens)."""
         tail = tokens[-self.window :]
-        before, now = self.decode(tail[:-1]), self.decode(tail)
-        for s in self.stop_strings:
-            at = now.rfind(s)
-            if at >= 0 and at + len(s) > len(before):
-                return True
-        return False
+        return self.find(self.decode(tail[:-1]), self.decode(tail)) is not None
 
 
 # -------------------------------------------------------------------------------------------------
-# Sessions: a prompt run once, then one token at a time
+# Decoding: a session (vlmkit.runner.DecoderSession) runs the prompt once, then one token at a time
 # -------------------------------------------------------------------------------------------------
-
-
-class Session(Protocol):
-    def prefill(self) -> torch.Tensor:
-        """Run the prompt; return the last position's logits (B, V)."""
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (B,); return the next logits (B, V)."""
-
-    def expand(self, n: int) -> None:
-        """Repeat every row n times in place (beams, several return sequences)."""
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows `index` (beam search)."""
-
-    def close(self) -> None:
-        """Free the cache."""
 
 
 def decode_tokens(
-    session: Session,
+    session: DecoderSession,
     config: GenerationConfig,
     prompt_ids: torch.Tensor,
     *,
@@ -286,109 +279,6 @@ def decode_tokens(
         logits = session.step(tokens)
 
 
-def beam_search(
-    session: Session,
-    config: GenerationConfig,
-    prompt_ids: torch.Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    decode: Callable[[list[int]], str] | None = None,
-) -> torch.Tensor:
-    """Beam search as the reference's vectorised implementation does it (K = max(2, 1 + n_eos) * beams
-    candidates per input, finished hypotheses kept in a second beam set, its early-stop heuristic and
-    length penalty). Returns (B * num_return_sequences, prompt + generated)."""
-    B, T = prompt_ids.shape
-    nb, n_ret = config.num_beams, config.num_return_sequences
-    max_len = T + config.max_new_tokens
-    device = prompt_ids.device
-    eos_ids = config.eos_token_id
-    keep = max(2, 1 + len(eos_ids)) * nb
-    top_beams = torch.arange(keep, device=device) < nb
-    # the reference fills unused slots with `pad or eos[0]`: a pad id of 0 falls through to EOS
-    fill = config.pad_token_id if config.pad_token_id else (eos_ids[0] if eos_ids else -1)
-    running = torch.full((B, nb, max_len), fill, dtype=torch.long, device=device)
-    running[:, :, :T] = prompt_ids[:, None]
-    finished = running.clone()
-    running_scores = torch.zeros(B, nb, device=device)
-    running_scores[:, 1:] = -1e9
-    finished_scores = torch.full((B, nb), -1e9, device=device)
-    is_finished = torch.zeros(B, nb, dtype=torch.bool, device=device)
-    improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
-    running_lengths = torch.zeros(B, nb, dtype=torch.long, device=device)  # generated tokens per beam
-    finished_lengths = torch.zeros(B, nb, dtype=torch.long, device=device)
-    eos = torch.tensor(eos_ids or [-1], device=device)
-    stops = StopStrings(config.stop_strings, decode) if config.stop_strings else None
-    if config.stop_strings and decode is None:
-        raise ValueError("stop_strings need a tokenizer to decode with: pass tokenizer=...")
-
-    logits = session.prefill()
-    session.expand(nb)
-    logits = logits.repeat_interleave(nb, dim=0)
-    cur = T
-    hits = torch.zeros(B, keep, dtype=torch.bool, device=device)
-    while cur < max_len:
-        log_probs = F.log_softmax(logits.float(), dim=-1)
-        flat_seq = running[:, :, :cur].reshape(B * nb, cur)
-        log_probs = process_logits(log_probs, flat_seq, config, new_tokens=cur - T, beams=True)
-        V = log_probs.shape[-1]
-        total = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
-        if config.sampling:
-            idx = torch.multinomial(F.softmax(total, dim=-1), keep, generator=generator)
-            cand_scores = torch.gather(total, 1, idx)
-        else:
-            cand_scores, idx = torch.topk(total, keep)
-        src_beam, token = idx // V, idx % V  # (B, K)
-        cand = torch.gather(running, 1, src_beam[:, :, None].expand(-1, -1, max_len)).clone()
-        cand[:, :, cur] = token
-        cand_lengths = torch.gather(running_lengths, 1, src_beam) + 1
-        hits = torch.isin(token, eos) | (cur + 1 >= max_len)
-        if stops is not None:
-            for b in range(B):
-                for k in range(keep):
-                    if not hits[b, k] and stops.hit(
-                        cand[b, k, max(0, cur + 1 - stops.window) : cur + 1].tolist()
-                    ):
-                        hits[b, k] = True
-        # beams that continue: the best `nb` candidates that did not stop
-        live_scores = cand_scores - hits.float() * 1e9
-        pick = torch.topk(live_scores, nb).indices
-        next_running = torch.gather(cand, 1, pick[:, :, None].expand(-1, -1, max_len))
-        running_scores = torch.gather(live_scores, 1, pick)
-        running_lengths = torch.gather(cand_lengths, 1, pick)
-        parent = torch.gather(src_beam, 1, pick)  # (B, nb) beam each survivor came from
-        # finished hypotheses: the candidates among the top nb that stopped, length-normalised
-        done_now = hits & top_beams[None]
-        normed = cand_scores / ((cur + 1 - T) ** config.length_penalty)
-        full = is_finished.all(dim=-1, keepdim=True) & (config.early_stopping is True)
-        normed = normed - full.float() * 1e9 - (~improvable).float() * 1e9 - (~done_now).float() * 1e9
-        merged_scores = torch.cat([finished_scores, normed], dim=1)
-        best = torch.topk(merged_scores, nb).indices
-        finished = torch.gather(torch.cat([finished, cand], 1), 1, best[:, :, None].expand(-1, -1, max_len))
-        finished_scores = torch.gather(merged_scores, 1, best)
-        finished_lengths = torch.gather(torch.cat([finished_lengths, cand_lengths], 1), 1, best)
-        is_finished = torch.gather(torch.cat([is_finished, done_now], 1), 1, best)
-        running = next_running
-        cur += 1
-        # can a running beam still beat the worst finished one?
-        if config.early_stopping == "never" and config.length_penalty > 0:
-            best_len = max_len - T
-        else:
-            best_len = cur - T
-        best_running = running_scores[:, :1] / (best_len**config.length_penalty)
-        worst_done = torch.where(
-            is_finished, finished_scores.min(dim=1, keepdim=True).values, torch.tensor(-1e9, device=device)
-        )
-        improvable = improvable & (best_running > worst_done).any(dim=-1, keepdim=True)
-        still_open = ~(is_finished.all() & (config.early_stopping is True))
-        if not (bool(improvable.any()) and bool(still_open) and not bool(hits.all())) or cur >= max_len:
-            break
-        session.reorder((parent + torch.arange(B, device=device)[:, None] * nb).reshape(-1))
-        logits = session.step(running[:, :, cur - 1].reshape(-1))
-    out = finished[:, :n_ret].reshape(B * n_ret, max_len)
-    length = int(finished_lengths[:, :n_ret].max())
-    return out[:, : T + length]
-
-
 # -------------------------------------------------------------------------------------------------
 # generate() for every model
 # -------------------------------------------------------------------------------------------------
@@ -431,6 +321,8 @@ class GenerationMixin:
             if config.num_beams > 1:
                 if config.max_new_tokens == 0:
                     return input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+                from vlmkit.beams import beam_search
+
                 return beam_search(session, config, input_ids, generator=generator, decode=decode)
             steps = list(decode_tokens(session, config, input_ids, generator=generator, decode=decode))
         finally:
@@ -476,86 +368,3 @@ class GenerationMixin:
         if unknown:
             raise ValueError(f"unknown generate() arguments: {sorted(unknown)}")
         return make_config(self.default_eos(), self.default_pad(), **gen), inputs
-
-
-def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Rotary positions of the prompt as the reference's generate makes them: count of real tokens so far,
-    padding at 0."""
-    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-
-
-class DecoderSession(ABC):
-    """The bookkeeping both families share: an attention mask that grows one slot per step, rotary
-    positions that continue from the prompt's, and row selection over the KV caches. Subclasses give
-    `prefill` and `forward_tokens`."""
-
-    def __init__(
-        self, layers: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int
-    ) -> None:
-        B, T = input_ids.shape
-        self.layers = layers
-        self.input_ids = input_ids
-        self.prompt_len = self.t = T
-        self.mask = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=input_ids.device)
-        self.mask[:, :T] = 1 if attention_mask is None else attention_mask
-        self.positions = generation_positions(self.mask[:, :T])  # (B, T)
-        self.next_pos = self.positions[:, -1:] + 1  # (B, 1)
-        self.rows: dict[str, Any] = {}  # anything else held per row (tensors, or lists/tuples of them)
-
-    @abstractmethod
-    def prefill(self) -> torch.Tensor:
-        """Run the prompt (and its images) into the cache; return the last position's logits (B, V)."""
-
-    @abstractmethod
-    def forward_tokens(
-        self,
-        tokens: torch.Tensor,
-        *,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        input_pos: torch.Tensor,
-        key_len: int,
-    ) -> torch.Tensor:
-        """Run tokens (B, 1) through the cached decoder; return logits (B, V)."""
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = self.t
-        self.mask[:, t] = 1
-        logits = self.forward_tokens(
-            tokens[:, None],
-            attention_mask=self.mask[:, : t + 1],
-            position_ids=self.next_pos,
-            input_pos=torch.tensor([t], device=tokens.device),
-            key_len=t + 1,
-        )
-        self.t += 1
-        self.next_pos = self.next_pos + 1
-        return logits
-
-    def select(self, index: torch.Tensor) -> None:
-        self.mask = self.mask.index_select(0, index)
-        self.next_pos = self.next_pos.index_select(0, index)
-        for layer in self.layers:
-            layer.self_attn.kv_cache.select_rows(index)
-        self.rows = {k: select_rows(v, index) for k, v in self.rows.items()}
-
-    def expand(self, n: int) -> None:
-        rows = torch.arange(self.mask.shape[0], device=self.mask.device)
-        self.select(rows.repeat_interleave(n))
-
-    def reorder(self, index: torch.Tensor) -> None:
-        self.select(index)
-
-    def close(self) -> None:
-        from vlmkit.llama import setup_kv_cache
-
-        setup_kv_cache(self.layers, 0, 0)
-
-
-def select_rows(value: Any, index: torch.Tensor) -> Any:
-    """index_select along dim 0 through tensors and (nested) lists and tuples of them; other values as they are."""
-    if isinstance(value, torch.Tensor):
-        return value.index_select(0, index)
-    if isinstance(value, (list, tuple)):
-        return type(value)(select_rows(v, index) for v in value)
-    return value

@@ -17,7 +17,7 @@ from torch import nn
 from vlmkit.configs import known_fields, require_positive
 from vlmkit.modules import (
     ROPE_TYPES,
-    FusedLinears,
+    CacheSlots,
     KVCache,
     RMSNorm,
     RotaryEmbedding,
@@ -25,7 +25,6 @@ from vlmkit.modules import (
     apply_rotary,
     attention,
     causal_mask,
-    linear,
 )
 
 TEXT_MODEL_TYPES = ("llama",)
@@ -139,24 +138,23 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
         self.kv_cache: KVCache | None = None
-        self._fused_qkv: FusedLinears | None = None  # set by optimize_for_cpu_inference
+
+    def project_qkv(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """q(x), k(x), v(x); the CPU fast path fuses them into one product (vlmkit.fastpath)."""
+        return [self.q_proj(x), self.k_proj(x), self.v_proj(x)]
 
     def forward(self, x: torch.Tensor, ctx: DecoderContext) -> torch.Tensor:
         B, T, _ = x.shape
-        fused = self._fused_qkv
-        if fused is not None and fused.usable(self.q_proj, self.k_proj, self.v_proj):
-            q, k, v = fused(x)
-        else:
-            q, k, v = linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x)
+        q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
         cache = self.kv_cache if ctx.caches is None else ctx.caches[self]
         if cache is not None:
-            k, v = cache.update(ctx.input_pos, k, v, ctx.key_len)  # (B, Hkv, S, D)
+            k, v = cache.update(k, v, ctx.at)  # (B, Hkv, S, D)
         y = attention(q, k, v, mask=ctx.mask, is_causal=True)  # (B, H, T, D)
-        return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -194,30 +192,34 @@ class LlamaModel(nn.Module):
         input_pos: torch.Tensor | None = None,
         key_len: int | None = None,
         kv_caches: dict[nn.Module, Any] | None = None,
+        at: CacheSlots | None = None,
+        state: Any = None,
     ) -> torch.Tensor:
         """inputs_embeds (B, T, C) -> final hidden states (B, T, C).
 
         Without a KV cache, the T tokens are the whole sequence. With one (`setup_cache`), `input_pos` (T,)
         gives their slots in the cache, `attention_mask` (B, S') covers every key written so far and
-        `key_len` (default: the whole cache) how many slots attention reads.
-        `position_ids` (B, T) default to the token's slot, as in the reference.
-        `kv_caches` ({attention module: cache}) replaces the caches that `setup_cache` put on the layers for
-        this call: a server's own caches, untouched by a `generate` running beside it.
+        `key_len` (default: the whole cache) how many slots attention reads; `at` gives all of that at once
+        (and a row-wise cache's per-row slots). `position_ids` (B, T) default to the token's slot, as in the
+        reference. `kv_caches` ({attention module: cache}) replaces the caches that `setup_cache` put on the
+        layers for this call: a server's own caches, untouched by a `generate` running beside it.
+        `state` is what a family's composed layers read (IDEFICS: the cross-attention context).
         """
+        if at is None and input_pos is not None:
+            at = CacheSlots(input_pos, key_len)
         ctx = decoder_context(
-            self.layers,
-            self.rotary_emb,
-            inputs_embeds,
-            attention_mask,
-            position_ids,
-            input_pos,
-            key_len,
-            kv_caches,
+            self.layers, self.rotary_emb, inputs_embeds, attention_mask, position_ids, at, kv_caches
         )
+        ctx.state = state
         x = inputs_embeds
-        for layer in self.layers:
+        for layer in self.decoder_layers():
             x = run_layer(layer, x, ctx)
         return self.norm(x)
+
+    def decoder_layers(self) -> list[Any]:
+        """The layers the loop runs, in order; each is called as layer(x, ctx). A family that composes more
+        blocks into the decoder (IDEFICS: gated cross-attention before some layers) returns them here."""
+        return list(self.layers)
 
     def setup_cache(
         self,
@@ -262,9 +264,9 @@ class DecoderContext:
     cos: torch.Tensor  # (B, T, D)
     sin: torch.Tensor
     mask: torch.Tensor | None  # (B or 1, 1, T, S) bool; None: plain causal attention
-    input_pos: torch.Tensor  # (T,) cache slots of the T tokens
-    key_len: int | None  # cache slots attention reads (None: all)
+    at: CacheSlots  # where the T tokens go in the cache
     caches: dict[nn.Module, Any] | None = None  # per attention module, in place of its kv_cache
+    state: Any = None  # read by a family's composed layers
 
 
 def decoder_context(
@@ -273,35 +275,34 @@ def decoder_context(
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
-    input_pos: torch.Tensor | None,
-    key_len: int | None = None,
+    at: CacheSlots | None,
     caches: dict[nn.Module, Any] | None = None,
 ) -> DecoderContext:
     """Cache slots, rotary tables and the mask for one decoder call.
 
     Without a KV cache the T tokens are the whole sequence, and the mask is None when nothing is padded
-    (SDPA's causal fast path). With a cache, `input_pos` is required and the mask spans `key_len` slots.
+    (SDPA's causal fast path). With a cache, `at` is required and the mask spans `at.key_len` slots.
     """
     B, T, _ = inputs_embeds.shape
     cache = None
     if len(layers):
         attn = layers[0].self_attn
         cache = attn.kv_cache if caches is None else caches[attn]
-    if input_pos is None:
+    if at is None:
         if cache is not None:
             raise ValueError("input_pos is required when a KV cache is set up")
-        input_pos = torch.arange(T, device=inputs_embeds.device)
+        at = CacheSlots(torch.arange(T, device=inputs_embeds.device))
     if position_ids is None:
-        position_ids = input_pos[None].expand(B, T)
+        position_ids = at.input_pos[None].expand(B, T)
     if cache is not None:
-        key_len = key_len or cache.max_seq_len
-        mask = causal_mask(attention_mask, input_pos, key_len)
+        at = CacheSlots(at.input_pos, at.key_len or cache.max_seq_len, at.row, at.slots)
+        mask = causal_mask(attention_mask, at.input_pos, at.key_len)
     elif attention_mask is not None and not bool(attention_mask.all()):
-        mask = causal_mask(attention_mask, input_pos, T)
+        mask = causal_mask(attention_mask, at.input_pos, T)
     else:
         mask = None
     cos, sin = rotary(position_ids, inputs_embeds.dtype)
-    return DecoderContext(cos=cos, sin=sin, mask=mask, input_pos=input_pos, key_len=key_len, caches=caches)
+    return DecoderContext(cos=cos, sin=sin, mask=mask, at=at, caches=caches)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -316,7 +317,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(self.lm_head, hidden)
+        return self.lm_head(hidden)
 
 
 def check_text_inputs(

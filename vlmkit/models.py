@@ -1,15 +1,26 @@
-"""The model families vlmkit knows, and `load_model`, which picks one from a checkpoint's `model_type`."""
+"""The model families vlmkit knows, each in one registry entry, and the loaders that pick one.
+
+A family is a package (config, model, processor, and `policy.py` with what the generic layers need from it)
+plus one `Family` entry in `registry()`. Generation, the server engine, training and the CLI never name a
+family: they ask the entry of a checkpoint (`family_for`), of a model or processor in hand (`family_of`), or
+of a sample (`family_named`).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlmkit.modules import RMSNorm, optimize_for_cpu_inference
+from vlmkit.fastpath import optimize_for_cpu_inference
+from vlmkit.modules import RMSNorm
 from vlmkit.weights import (
     KeyMap,
     checkpoint_dtype,
@@ -23,31 +34,105 @@ from vlmkit.weights import (
     weight_files,
 )
 
+# The small models trained on the shapes world that ship inside the package (`make demo-models` rebuilds
+# them), one folder per family, named after the family.
+BUILTIN_DIR = Path(__file__).parent / "demo" / "models"
+DEFAULT_MODEL = "demo"  # what every command runs without --model: the built-in ViP-LLaVA
+
+
+@dataclass(frozen=True)
+class TrainableParts:
+    """Which parts train in each `--train` mode, by module name (data the trainer reads, not branches)."""
+
+    projector: tuple[str, ...]  # train="projector": these modules (a name matches itself or a ".name" tail)
+    lora_scope: tuple[str, ...]  # train="lora": adapters go on target linears under these module paths
+    vision: tuple[str, ...]  # parameters whose names hold one of these belong to the vision tower (vision_lr)
+
 
 @dataclass(frozen=True)
 class Family:
+    name: str  # the registry name: a model_type, and the built-in demo folder's name
+    title: str  # for people ("LLaVA")
+    model_types: tuple[str, ...]  # the config.json model_types this entry loads
     config_cls: type
     model_cls: type[nn.Module]
     key_map: KeyMap
     ignore: tuple[str, ...]
     processor_cls: type
+    # (processor, prompt with <image> markers or none, images, *, allow_remote) -> the processor's outputs
+    prompt_inputs: Callable[..., dict[str, torch.Tensor]]
+    # (processor, rendered conversation, learned-character mask, pixels or None, row) -> train.data.Sample
+    training_sample: Callable[..., Any]
+    # (samples, padded length T) -> the batch's image entries ({} without images)
+    collate_images: Callable[[list[Any], int], dict[str, torch.Tensor]]
+    trainable: TrainableParts
+    stop_tokens: tuple[str, ...] = ()  # tokens besides eos that end a turn, where the tokenizer has them
+    # (name, parameter, parsed config, generator) -> True when it initialised a parameter of its own
+    init_parameter: Callable[[str, nn.Parameter, Any, torch.Generator], bool] | None = None
+    builtin_names: tuple[str, ...] = ()  # built-in demo model names ("demo"): BUILTIN_DIR / name
+
+
+@cache
+def registry() -> tuple[Family, ...]:
+    """Every family vlmkit knows, one entry each (imported on first use: the packages import torch models)."""
+    from vlmkit import idefics, vipllava
+    from vlmkit.idefics import policy as idefics_policy
+    from vlmkit.idefics.processor import END_OF_UTTERANCE, IdeficsProcessor
+    from vlmkit.vipllava import policy as llava_policy
+    from vlmkit.vipllava.processor import LlavaProcessor
+
+    return (
+        Family(
+            name="vipllava",
+            title="LLaVA",
+            model_types=("vipllava", "llava"),
+            config_cls=vipllava.VipLlavaConfig,
+            model_cls=vipllava.VipLlavaModel,
+            key_map=vipllava.KEY_MAP,
+            ignore=vipllava.KEY_IGNORE,
+            processor_cls=LlavaProcessor,
+            prompt_inputs=llava_policy.prompt_inputs,
+            training_sample=llava_policy.training_sample,
+            collate_images=llava_policy.collate_images,
+            trainable=TrainableParts(
+                projector=("multi_modal_projector",),
+                lora_scope=("language_model",),
+                vision=("vision_tower.",),
+            ),
+            builtin_names=("demo", "demo-vipllava"),
+        ),
+        Family(
+            name="idefics",
+            title="IDEFICS",
+            model_types=("idefics",),
+            config_cls=idefics.IdeficsConfig,
+            model_cls=idefics.IdeficsModel,
+            key_map=idefics.KEY_MAP,
+            ignore=idefics.KEY_IGNORE,
+            processor_cls=IdeficsProcessor,
+            prompt_inputs=idefics_policy.prompt_inputs,
+            training_sample=idefics_policy.training_sample,
+            collate_images=idefics_policy.collate_images,
+            trainable=TrainableParts(  # the new-token rows (additional_*) always train with the projector
+                projector=(
+                    "model.perceiver_resampler",
+                    "model.gated_cross_attn_layers",
+                    "additional_embedding",
+                    "additional_fc",
+                ),
+                lora_scope=("model.layers", "model.gated_cross_attn_layers"),
+                vision=("vision_model.",),
+            ),
+            stop_tokens=(END_OF_UTTERANCE,),  # IDEFICS-instruct ends each turn with it
+            init_parameter=idefics_policy.init_parameter,
+            builtin_names=("demo-idefics",),
+        ),
+    )
 
 
 def families() -> dict[str, Family]:
-    from vlmkit import idefics, vipllava
-    from vlmkit.idefics.processor import IdeficsProcessor
-    from vlmkit.vipllava.processor import LlavaProcessor
-
-    llava = Family(
-        vipllava.VipLlavaConfig, vipllava.VipLlavaModel, vipllava.KEY_MAP, vipllava.KEY_IGNORE, LlavaProcessor
-    )
-    return {
-        "vipllava": llava,
-        "llava": llava,
-        "idefics": Family(
-            idefics.IdeficsConfig, idefics.IdeficsModel, idefics.KEY_MAP, idefics.KEY_IGNORE, IdeficsProcessor
-        ),
-    }
+    """The registry by config.json model_type."""
+    return {model_type: family for family in registry() for model_type in family.model_types}
 
 
 def family_for(config: dict[str, Any], source: str) -> Family:
@@ -60,6 +145,68 @@ def family_for(config: dict[str, Any], source: str) -> Family:
     return table[model_type]
 
 
+def family_named(name: str) -> Family:
+    for family in registry():
+        if family.name == name:
+            return family
+    raise ValueError(f"no family named {name!r}; known: {[f.name for f in registry()]}")
+
+
+def family_of(obj: Any) -> Family:
+    """The family of a model (peft-wrapped or not) or a processor, by its class."""
+    base = obj.get_base_model() if hasattr(obj, "get_base_model") else obj
+    for family in registry():
+        if isinstance(base, (family.model_cls, family.processor_cls)):
+            return family
+    known = [c.__name__ for f in registry() for c in (f.model_cls, f.processor_cls)]
+    raise TypeError(f"{type(obj).__name__} belongs to no family vlmkit knows (known classes: {known})")
+
+
+def stop_token_ids(tokenizer: Any, family: Family) -> list[int]:
+    """The ids that end a reply: eos, then the family's end-of-turn tokens that this tokenizer has."""
+    ids = [tokenizer.eos_token_id, *(tokenizer.token_to_id(token) for token in family.stop_tokens)]
+    return [i for i in ids if i is not None]
+
+
+def lora_target_regex(family: Family, targets: list[str]) -> str:
+    """peft's target_modules: the `targets` linears under the family's LoRA scope."""
+    scope = "|".join(re.escape(path) for path in family.trainable.lora_scope)
+    return rf".*({scope}).*\.({'|'.join(targets)})$"
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: built-in demo models first, then a folder or a hub id
+# ---------------------------------------------------------------------------------------------
+
+
+def builtin_model(name: str) -> Path:
+    """The folder of a built-in demo model ("demo" is the ViP-LLaVA one)."""
+    owner = {n: family for family in registry() for n in family.builtin_names}
+    if name not in owner:
+        raise ValueError(f"unknown built-in model {name!r}; built-in: {', '.join(owner)}")
+    folder = BUILTIN_DIR / owner[name].name
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"built-in model {name!r} is missing from this install ({folder}); rebuild it with `make demo-models`"
+        )
+    return folder
+
+
+def resolve_model(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """The checkpoint folder of a local folder (as it is), a built-in demo model's name ("demo",
+    "demo-idefics"), or a hub repo id (see `weights.resolve_checkpoint`)."""
+    text = str(name_or_path)
+    builtin = any(text in family.builtin_names for family in registry())
+    if builtin and not Path(text).expanduser().is_dir():
+        return builtin_model(text)
+    return resolve_checkpoint(name_or_path, revision=revision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and building
+# ---------------------------------------------------------------------------------------------
+
+
 def load_model(
     path_or_repo_id: str | os.PathLike,
     *,
@@ -67,14 +214,18 @@ def load_model(
     device: torch.device | str | None = None,
     revision: str | None = None,
     progress: bool = False,
+    batched: bool = False,
 ) -> nn.Module:
-    """Load a published (or transformers-saved, or vlmkit-saved) checkpoint.
+    """Load a published (or transformers-saved, or vlmkit-saved) checkpoint, or a built-in demo model.
 
     dtype: None or "auto" is config.json's dtype, else the stored one; device: where the weights go (default CPU);
-    progress: a loading bar on stderr when it is a terminal.
+    progress: a loading bar on stderr when it is a terminal; batched: on the CPU, lay the weights out for many
+    rows at a time (a server) rather than one.
     The model is built on the meta device and the tensors are assigned, so nothing is allocated twice.
+
+        >>> model = load_model("demo-idefics")
     """
-    folder = resolve_checkpoint(path_or_repo_id, revision=revision)
+    folder = resolve_model(path_or_repo_id, revision=revision)
     raw = read_config(folder)
     family = family_for(raw, str(folder / "config.json"))
     config = family.config_cls.from_hf(raw)
@@ -85,18 +236,15 @@ def load_model(
     load_weights(model, tensors, dtype=dtype, device=device, source=str(folder), progress=progress)
     del tensors  # the model holds the tensors now; relayout below must not keep a second copy alive
     if next(model.parameters()).device.type == "cpu":
-        optimize_for_cpu_inference(model)
+        optimize_for_cpu_inference(model, batched=batched)
     return model.eval()
-
-
-PROCESSOR_CLASSES = {"LlavaProcessor": "llava", "IdeficsProcessor": "idefics"}
 
 
 def load_processor(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Any:
     """The processor (tokenizer, image preprocessing, prompt building, chat template) of a checkpoint, in the
     published layout or the one transformers 5 writes. The family comes from config.json's model_type or,
     without a config.json, from the processor class named in the processor files."""
-    folder = resolve_checkpoint(path_or_repo_id, revision=revision)
+    folder = resolve_model(path_or_repo_id, revision=revision)
     if (folder / "config.json").is_file():
         family = family_for(read_config(folder), str(folder / "config.json"))
         return family.processor_cls.from_folder(folder)
@@ -104,40 +252,32 @@ def load_processor(path_or_repo_id: str | os.PathLike, *, revision: str | None =
     for name in ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json"):
         if (folder / name).is_file():
             named = named or read_config_file(folder / name).get("processor_class")
-    if named not in PROCESSOR_CLASSES:
+    by_class = {family.processor_cls.__name__: family for family in registry()}
+    if named not in by_class:
         raise ValueError(
             f"{folder}: cannot tell which processor to build (no config.json, processor_class {named!r}); "
-            f"supported: {sorted(PROCESSOR_CLASSES)}"
+            f"supported: {sorted(by_class)}"
         )
-    return families()[PROCESSOR_CLASSES[named]].processor_cls.from_folder(folder)
+    return by_class[named].processor_cls.from_folder(folder)
 
 
 def init_model(config: dict[str, Any], *, seed: int = 0, std: float = 0.02) -> nn.Module:
     """A model of the given config.json contents with fresh random weights, for training small models from
-    scratch: normal(0, std) matrices and embeddings, unit norms, zero biases, IDEFICS gates as its
-    `alpha_initializer` says, normal(0, 1) perceiver latents."""
+    scratch: normal(0, std) matrices and embeddings, unit norms, zero biases, and the family's own parameters
+    (IDEFICS: gates, perceiver latents) as its `init_parameter` says."""
     family = family_for(config, "config")
     parsed = family.config_cls.from_hf(config)
     model = family.model_cls(parsed)
     g = torch.Generator().manual_seed(seed)
-    alpha_init = getattr(parsed, "alpha_initializer", "zeros")
-    alpha_std = getattr(parsed, "alphas_initializer_range", 0.0)
     norms = {id(m.weight) for m in model.modules() if isinstance(m, (nn.LayerNorm, RMSNorm))}
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("alpha_cross_attn", "alpha_dense")):
-                if alpha_init == "ones":
-                    p.fill_(1.0)
-                elif alpha_init in ("normal", "gaussian", "random"):
-                    p.copy_(torch.randn(p.shape, generator=g) * alpha_std)
-                else:
-                    p.zero_()
-            elif id(p) in norms:
+        for name, p in model.named_parameters():  # one generator, in parameter order: a seed is a model
+            if family.init_parameter is not None and family.init_parameter(name, p, parsed, g):
+                continue
+            if id(p) in norms:
                 p.fill_(1.0)
             elif name.endswith("bias"):
                 p.zero_()
-            elif name.endswith("latents"):
-                p.copy_(torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model

@@ -57,37 +57,6 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-SMALL_BATCH_ROWS = range(2, 65)
-
-
-def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), with the kernel chosen for a few activation rows on the CPU.
-
-    Between 2 and 64 rows (a batched decode step) and a row-major weight, `weight @ x.T` runs 1.5-3x faster
-    than `x @ weight.T` on a 2-core Zen 3 (MKL's small-M path is slow there); one row, long prompts,
-    column-major weights and anything that needs gradients take F.linear.
-    """
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (
-        rows in SMALL_BATCH_ROWS
-        and x.device.type == "cpu"
-        and weight.is_contiguous()
-        and not torch.is_grad_enabled()
-    ):
-        y = torch.mm(weight, x.reshape(rows, -1).t()).t()
-        if bias is not None:
-            y = y + bias
-        return y.contiguous().view(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
-
-
-def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a projection: a plain nn.Linear through `dense`, anything else (a LoRA wrapper) as itself."""
-    if type(module) is nn.Linear:
-        return dense(x, module.weight, module.bias)
-    return module(x)
-
-
 class SwiGLU(nn.Module):
     """The LLaMA MLP: down(act(gate(x)) * up(x))."""
 
@@ -97,15 +66,14 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
         self.act = activation(act)
-        self._fused_gate_up: FusedLinears | None = None  # set by optimize_for_cpu_inference
+
+    def project_gate_up(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """gate(x), up(x); the CPU fast path fuses them into one product (vlmkit.fastpath)."""
+        return [self.gate_proj(x), self.up_proj(x)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self._fused_gate_up
-        if fused is not None and fused.usable(self.gate_proj, self.up_proj):
-            gate, up = fused(x)
-        else:
-            gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
-        return linear(self.down_proj, self.act(gate) * up)
+        gate, up = self.project_gate_up(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +148,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class CacheSlots:
+    """Where one forward writes its keys/values and how much of the cache attention reads, passed per call.
+
+    input_pos (T,): the slots of the T tokens, the same for every row; key_len: the slots attention reads
+    (None: all). A cache that serves rows of different lengths (the server's) also reads `row` (a one-row
+    prompt written into that row only) or `slots` (n,) (each row's own slot for a one-token step)."""
+
+    input_pos: torch.Tensor
+    key_len: int | None = None
+    row: int | None = None
+    slots: torch.Tensor | None = None
+
+
 class KVCache(nn.Module):
     """Preallocated key/value storage for one attention layer, written in place at `input_pos`."""
 
@@ -202,16 +184,14 @@ class KVCache(nn.Module):
     def max_seq_len(self) -> int:
         return self.k.shape[2]
 
-    def update(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_len: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, Hkv, T, D) at positions input_pos (T,); return the first `key_len` slots (all
+    def update(self, k: torch.Tensor, v: torch.Tensor, at: CacheSlots) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, Hkv, T, D) at slots at.input_pos (T,); return the first `at.key_len` slots (all
         slots when None)."""
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        if key_len is None:
+        self.k.index_copy_(2, at.input_pos, k)
+        self.v.index_copy_(2, at.input_pos, v)
+        if at.key_len is None:
             return self.k, self.v
-        return self.k[:, :, :key_len], self.v[:, :, :key_len]
+        return self.k[:, :, : at.key_len], self.v[:, :, : at.key_len]
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep (and repeat) batch rows `index`: beam reordering, or expansion to several sequences."""
@@ -273,67 +253,3 @@ class CausalLMOutput:
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
-
-
-class FusedLinears:
-    """Linear layers that read the same input (q/k/v; gate/up), their weights moved into one buffer (sum of
-    outs, in), column-major unless `row_major`, so that one matrix product serves them all. Each layer's `weight` stays its own
-    Parameter, a view into the buffer, so checkpoints, state dicts and training see nothing different.
-
-    Used only when no gradient is needed, and only while every layer still holds its slice: a dtype or
-    device change, a re-assigned weight or a wrapper such as peft's LoRA turns it off by itself.
-    """
-
-    def __init__(self, linears: list[nn.Linear], *, row_major: bool = False) -> None:
-        first = linears[0].weight
-        sizes = [lin.out_features for lin in linears]
-        if row_major:  # (out, in): the layout small batches read fastest
-            weight = torch.empty(sum(sizes), first.shape[1], dtype=first.dtype, device=first.device)
-        else:  # (out, in) view of an (in, out) buffer, strides (1, out): x @ buffer, fastest for one row
-            weight = torch.empty(first.shape[1], sum(sizes), dtype=first.dtype, device=first.device).t()
-        start = 0
-        for lin, n in zip(linears, sizes, strict=True):
-            weight[start : start + n].copy_(lin.weight.detach())
-            lin.weight.data = weight[start : start + n]
-            start += n
-        self.weight = weight
-        self.sizes = sizes
-        self.ptrs = [lin.weight.data_ptr() for lin in linears]
-
-    def usable(self, *linears: nn.Module) -> bool:
-        return not torch.is_grad_enabled() and all(
-            type(lin) is nn.Linear and lin.weight.data_ptr() == ptr and lin.weight.dtype == self.weight.dtype
-            for lin, ptr in zip(linears, self.ptrs, strict=True)
-        )
-
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return list(dense(x, self.weight).split(self.sizes, dim=-1))
-
-
-def optimize_for_cpu_inference(model: nn.Module, *, batched: bool = False) -> None:
-    """Weight layouts that make CPU decoding faster, outputs unchanged: q/k/v and gate/up fused into one
-    product each.
-
-    For one sequence (one activation row per matrix), the fused and other wide projections (out > in, the
-    LM head among them) are stored column-major and narrow ones (down, o) left row-major -- measured on a
-    2-core Zen 3: column-major reads at 20-25 GB/s where row-major reads at 16-18 when out > in, and the
-    reverse when out < in. For batched decoding (`batched`, a server's 2-64 rows per step) every weight is
-    row-major, which `dense` multiplies fastest. Calling it again switches between the two."""
-    fused: set[int] = set()
-    for module in model.modules():
-        groups = []
-        if hasattr(module, "q_proj") and hasattr(module, "kv_cache"):
-            groups.append(("_fused_qkv", [module.q_proj, module.k_proj, module.v_proj]))
-        if isinstance(module, SwiGLU):
-            groups.append(("_fused_gate_up", [module.gate_proj, module.up_proj]))
-        for name, linears in groups:
-            if all(type(lin) is nn.Linear and lin.bias is None for lin in linears):
-                setattr(module, name, FusedLinears(linears, row_major=batched))
-                fused.update(id(lin) for lin in linears)
-    for module in model.modules():
-        if type(module) is nn.Linear and id(module) not in fused:
-            w = module.weight
-            if batched:
-                module.weight.data = w.data.contiguous()
-            elif w.shape[0] > w.shape[1] and w.is_contiguous():
-                module.weight.data = w.data.t().contiguous().t()

@@ -16,11 +16,9 @@ from typing import Any
 
 import torch
 
-from vlmkit.idefics.processor import END_OF_UTTERANCE, IMAGE_TOKEN, IdeficsProcessor, interleave_images
-from vlmkit.models import load_model, load_processor
+from vlmkit.generation import DEFAULT_MAX_NEW_TOKENS
+from vlmkit.models import family_of, load_model, load_processor, stop_token_ids
 from vlmkit.tokenizer import IncrementalDecoder
-
-DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def user_turn(text: str, images: Sequence[Any] = ()) -> dict[str, Any]:
@@ -45,8 +43,11 @@ class VLM:
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
+        batched: bool = False,
     ) -> VLM:
-        model = load_model(path_or_repo_id, dtype=dtype, device=device, progress=progress)
+        """A checkpoint folder, hub id or built-in demo model ("demo", "demo-idefics"); batched: the CPU weight
+        layout for many rows at a time (see `load_model`)."""
+        model = load_model(path_or_repo_id, dtype=dtype, device=device, progress=progress, batched=batched)
         return cls(model, load_processor(path_or_repo_id))
 
     @property
@@ -57,19 +58,8 @@ class VLM:
 
     def inputs(self, prompt: str, images: Sequence[Any] | None = None, *, allow_remote: bool = False) -> dict:
         """Processor outputs for a prompt with `<image>` markers where the images go (none: images first)."""
-        images = list(images or [])
-        if isinstance(self.processor, IdeficsProcessor):
-            sample = (
-                [*images, prompt]
-                if images and IMAGE_TOKEN not in prompt
-                else interleave_images(prompt, images)
-            )
-            out = self.processor(text=[sample], allow_remote=allow_remote)
-        else:
-            marker = self.processor.image_token
-            if images and marker not in prompt:
-                prompt = f"{marker}\n" * len(images) + prompt
-            out = self.processor(text=[prompt], images=images or None, allow_remote=allow_remote)
+        family = family_of(self.processor)
+        out = family.prompt_inputs(self.processor, prompt, list(images or []), allow_remote=allow_remote)
         return {k: v.to(self.device) for k, v in out.items()}
 
     def chat_inputs(self, messages: list[dict[str, Any]], *, allow_remote: bool = False) -> dict:
@@ -79,14 +69,10 @@ class VLM:
         return {k: v.to(self.device) for k, v in out.items()}
 
     def _settings(self, sampling: dict[str, Any]) -> dict[str, Any]:
-        """Defaults for people: a longer budget, and IDEFICS-instruct's end of utterance also ends a turn."""
+        """Defaults for people: a longer budget, and the family's end-of-turn tokens also end a reply."""
         settings = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **sampling}
         if settings.get("eos_token_id") is None:
-            eos = [
-                i
-                for i in (self.tokenizer.eos_token_id, self.tokenizer.token_to_id(END_OF_UTTERANCE))
-                if i is not None
-            ]
+            eos = stop_token_ids(self.tokenizer, family_of(self.model))
             if eos:
                 settings["eos_token_id"] = eos
         if settings.get("pad_token_id") is None and self.tokenizer.pad_token_id is not None:

@@ -53,32 +53,14 @@ class CheckpointError(ValueError):
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
 
-# The small models trained on the shapes world that ship inside the package (`make demo-models` rebuilds them).
-BUILTIN_MODELS = {"demo": "vipllava", "demo-vipllava": "vipllava", "demo-idefics": "idefics"}
-BUILTIN_DIR = Path(__file__).parent / "demo" / "models"
-
-
-def builtin_model(name: str) -> Path:
-    """The folder of a built-in demo model ("demo" is the ViP-LLaVA one)."""
-    if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name!r}; built-in: {', '.join(BUILTIN_MODELS)}")
-    folder = BUILTIN_DIR / BUILTIN_MODELS[name]
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"built-in model {name!r} is missing from this install ({folder}); rebuild it with `make demo-models`"
-        )
-    return folder
-
-
 def resolve_checkpoint(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """A local folder as it is, a built-in demo model by name ("demo", "demo-idefics"), or a hub repo id
-    fetched through `huggingface_hub` (its cache; offline mode via `HF_HUB_OFFLINE=1` is respected)."""
+    """A local folder as it is, or a hub repo id fetched through `huggingface_hub` (its cache; offline mode
+    via `HF_HUB_OFFLINE=1` is respected). Built-in demo model names are the registry's:
+    `vlmkit.models.resolve_model` takes those too."""
     path = Path(path_or_repo_id).expanduser()
     if path.is_dir():
         return path
     text = str(path_or_repo_id)
-    if text in BUILTIN_MODELS:
-        return builtin_model(text)
     looks_local = (
         path.exists() or text.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", text)
     )

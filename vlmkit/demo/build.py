@@ -32,7 +32,7 @@ from vlmkit.demo.shapes import (
     write_dataset,
 )
 from vlmkit.images import ImageProcessor
-from vlmkit.vipllava.visual_prompts import draw_visual_prompts
+from vlmkit.visual_prompts import draw_visual_prompts
 
 IMAGE_SIZE, PATCH = 96, 32  # one patch per cell of the shapes world's 3 x 3 grid
 # stage 3's question types in turn: counting (and IDEFICS's two-picture question) come last to a small model
@@ -112,6 +112,19 @@ def build_tokenizer(folder: Path, family: str) -> dict[str, int]:
 
 
 def write_configs(folder: Path, family: str, ids: dict[str, int]) -> None:
+    """config.json, processor_config.json and chat_template.jinja of a small model of the family."""
+    if family == "vipllava":
+        config, processor, image, template = vipllava_files(ids)
+    else:
+        config, processor, image, template = idefics_files(ids)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "processor_config.json").write_text(
+        json.dumps({**processor, "image_processor": image.to_dict()}, indent=2)
+    )
+    (folder / "chat_template.jinja").write_text(template)
+
+
+def vipllava_files(ids: dict[str, int]) -> tuple[dict, dict, ImageProcessor, str]:
     vision = dict(
         hidden_size=128,
         intermediate_size=256,
@@ -134,78 +147,74 @@ def write_configs(folder: Path, family: str, ids: dict[str, int]) -> None:
         eos_token_id=ids["</s>"],
         pad_token_id=ids["<pad>"],
     )
-    if family == "vipllava":
-        config = {
-            "model_type": "vipllava",
-            "vision_config": {"model_type": "clip_vision_model", **vision},
-            "text_config": {**text, "vocab_size": ids["vocab"]},
-            "image_token_index": ids["<image>"],
-            "vision_feature_layers": [-2, -1],
-            "pad_token_id": ids["<pad>"],
-            "image_seq_length": (IMAGE_SIZE // PATCH) ** 2,
+    config = {
+        "model_type": "vipllava",
+        "vision_config": {"model_type": "clip_vision_model", **vision},
+        "text_config": {**text, "vocab_size": ids["vocab"]},
+        "image_token_index": ids["<image>"],
+        "vision_feature_layers": [-2, -1],
+        "pad_token_id": ids["<pad>"],
+        "image_seq_length": (IMAGE_SIZE // PATCH) ** 2,
+    }
+    processor = {
+        "processor_class": "LlavaProcessor",
+        "patch_size": PATCH,
+        "image_token": "<image>",
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+    }
+    image = ImageProcessor.from_dict(
+        {
+            "image_processor_type": "CLIPImageProcessor",
+            "size": {"shortest_edge": IMAGE_SIZE},
+            "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         }
-        processor = {
-            "processor_class": "LlavaProcessor",
+    )
+    return config, processor, image, VIP_TEMPLATE
+
+
+def idefics_files(ids: dict[str, int]) -> tuple[dict, dict, ImageProcessor, str]:
+    base = ids["<fake_token_around_image>"]  # the extra rows hold the IDEFICS-only tokens
+    config = {
+        "model_type": "idefics",
+        "vocab_size": base,
+        "additional_vocab_size": ids["vocab"] - base,
+        "hidden_size": 192,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "rms_norm_eps": 1e-5,
+        "cross_layer_interval": 1,
+        "use_resampler": False,  # cross-attention reads the 9 patch features directly
+        "qk_layer_norms": True,
+        "alpha_initializer": "normal",
+        "alphas_initializer_range": 0.5,
+        "freeze_text_layers": False,
+        "freeze_vision_layers": False,
+        "bos_token_id": ids["<s>"],
+        "eos_token_id": ids["</s>"],
+        "pad_token_id": ids["<pad>"],
+        "max_position_embeddings": 512,
+        "vision_config": {
+            "embed_dim": 128,
+            "image_size": IMAGE_SIZE,
             "patch_size": PATCH,
-            "image_token": "<image>",
-            "vision_feature_select_strategy": "default",
-            "num_additional_image_tokens": 1,
-        }
-        image = ImageProcessor.from_dict(
-            {
-                "image_processor_type": "CLIPImageProcessor",
-                "size": {"shortest_edge": IMAGE_SIZE},
-                "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-            }
-        )
-        template = VIP_TEMPLATE
-    else:
-        base = ids["<fake_token_around_image>"]  # the extra rows hold the IDEFICS-only tokens
-        config = {
-            "model_type": "idefics",
-            "vocab_size": base,
-            "additional_vocab_size": ids["vocab"] - base,
-            "hidden_size": 192,
-            "intermediate_size": 512,
+            "intermediate_size": 256,
             "num_hidden_layers": 4,
             "num_attention_heads": 4,
-            "rms_norm_eps": 1e-5,
-            "cross_layer_interval": 1,
-            "use_resampler": False,  # cross-attention reads the 9 patch features directly
-            "qk_layer_norms": True,
-            "alpha_initializer": "normal",
-            "alphas_initializer_range": 0.5,
-            "freeze_text_layers": False,
-            "freeze_vision_layers": False,
-            "bos_token_id": ids["<s>"],
-            "eos_token_id": ids["</s>"],
-            "pad_token_id": ids["<pad>"],
-            "max_position_embeddings": 512,
-            "vision_config": {
-                "embed_dim": 128,
-                "image_size": IMAGE_SIZE,
-                "patch_size": PATCH,
-                "intermediate_size": 256,
-                "num_hidden_layers": 4,
-                "num_attention_heads": 4,
-            },
-            "perceiver_config": {
-                "resampler_n_latents": 16,
-                "resampler_depth": 2,
-                "resampler_n_heads": 4,
-                "resampler_head_dim": 32,
-            },
-        }
-        processor = {"processor_class": "IdeficsProcessor"}
-        image = ImageProcessor.from_dict(
-            {"image_processor_type": "IdeficsImageProcessor", "image_size": IMAGE_SIZE}
-        )
-        template = IDEFICS_TEMPLATE
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "processor_config.json").write_text(
-        json.dumps({**processor, "image_processor": image.to_dict()}, indent=2)
+        },
+        "perceiver_config": {
+            "resampler_n_latents": 16,
+            "resampler_depth": 2,
+            "resampler_n_heads": 4,
+            "resampler_head_dim": 32,
+        },
+    }
+    processor = {"processor_class": "IdeficsProcessor"}
+    image = ImageProcessor.from_dict(
+        {"image_processor_type": "IdeficsImageProcessor", "image_size": IMAGE_SIZE}
     )
-    (folder / "chat_template.jinja").write_text(template)
+    return config, processor, image, IDEFICS_TEMPLATE
 
 
 PATCH_LABELS = {
@@ -455,9 +464,8 @@ def train_stage(
 def install(final: Path, family: str) -> Path:
     """Put a trained model into the package as a built-in demo model: weights stored in float16 (half the
     size; config.json says float32, so it loads and runs in float32) and its processor files."""
-    from vlmkit.models import load_model
-    from vlmkit.train.finetune import copy_processor_files
-    from vlmkit.weights import BUILTIN_DIR
+    from vlmkit.models import BUILTIN_DIR, load_model
+    from vlmkit.train.checkpoints import copy_processor_files
 
     target = BUILTIN_DIR / family
     if target.exists():

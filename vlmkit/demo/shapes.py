@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vlmkit.vipllava.visual_prompts import draw_visual_prompts
+from vlmkit.visual_prompts import draw_visual_prompts
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLORS = {

@@ -9,7 +9,6 @@ Attribute names follow the checkpoint (`model.embed_tokens.additional_embedding`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,18 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmkit.clip import CLIPVisionTransformer
-from vlmkit.generation import DecoderSession, GenerationConfig, GenerationMixin
+from vlmkit.generation import GenerationConfig, GenerationMixin
 from vlmkit.idefics.config import IdeficsConfig
+from vlmkit.idefics.cross_attention import CrossContext, CrossRows, FusionLayer, GatedCrossAttentionBlock
 from vlmkit.idefics.perceiver import PerceiverResampler
-from vlmkit.llama import (
-    LlamaDecoderLayer,
-    causal_lm_loss,
-    check_text_inputs,
-    decoder_context,
-    run_layer,
-    setup_kv_cache,
-)
-from vlmkit.modules import CausalLMOutput, RMSNorm, RotaryEmbedding, SwiGLU, attention, dense, linear
+from vlmkit.llama import LlamaModel, causal_lm_loss, check_text_inputs
+from vlmkit.modules import CacheSlots, CausalLMOutput
+from vlmkit.runner import DecoderSession, ImageItem, PromptPlan, RunnerMixin, content_key
 from vlmkit.weights import SavePretrainedMixin
 
 # Published checkpoints and transformers 5 saves use the same names as our modules.
@@ -65,6 +59,8 @@ class DecoupledEmbedding(nn.Module):
 class DecoupledLinear(nn.Module):
     """LM head over the base vocabulary (`weight`) with `additional_fc` columns appended for the new tokens."""
 
+    linear_fn = staticmethod(F.linear)  # the CPU fast path relays it (vlmkit.fastpath)
+
     def __init__(self, dim: int, vocab_size: int, num_additional: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(vocab_size, dim))
@@ -72,97 +68,19 @@ class DecoupledLinear(nn.Module):
             self.additional_fc = nn.Linear(dim, num_additional, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = dense(x, self.weight)
+        logits = self.linear_fn(x, self.weight)
         if hasattr(self, "additional_fc"):
-            logits = torch.cat([logits, linear(self.additional_fc, x)], dim=-1)
+            logits = torch.cat([logits, self.additional_fc(x)], dim=-1)
         return logits
 
 
-class CrossAttention(nn.Module):
-    """Text queries over image keys/values; optional RMSNorm of q and k over the head dimension."""
+class IdeficsBase(LlamaModel):
+    """Everything under the checkpoint prefix `model.`: the LLaMA decoder (its embeddings decoupled) with the
+    vision encoder, the resampler and the gated cross-attention blocks composed into its loop."""
 
     def __init__(self, config: IdeficsConfig) -> None:
-        super().__init__()
-        dim, kv_dim = config.hidden_size, config.vision_config.hidden_size
-        self.n_heads = config.num_attention_heads
-        self.head_dim = dim // self.n_heads
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(kv_dim, dim, bias=False)
-        self.v_proj = nn.Linear(kv_dim, dim, bias=False)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
-        if config.qk_layer_norms:
-            self.q_layer_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_layer_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-
-    def image_kv(self, image_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_states (B, S, C_vis) -> keys, values (B, H, S, D); computed once per request."""
-        B, S, _ = image_states.shape
-        k = self.k_proj(image_states).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(image_states).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        if hasattr(self, "k_layer_norm"):
-            k = self.k_layer_norm(k)
-        return k, v
-
-    def forward(
-        self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
-    ) -> torch.Tensor:
-        B, T, C = x.shape
-        q = linear(self.q_proj, x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        if hasattr(self, "q_layer_norm"):
-            q = self.q_layer_norm(q)
-        y = attention(q, kv[0], kv[1], mask=mask)  # (B, H, T, D)
-        return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, C))
-
-
-class GatedCrossAttentionBlock(nn.Module):
-    """x + tanh(alpha_cross_attn) * cross_attn(norm(x)), then x + tanh(alpha_dense) * mlp(norm(x)).
-
-    Tokens that come before every image (gate 0) receive no cross-attention output at all; the gated MLP
-    applies to every token, as in the reference.
-    """
-
-    def __init__(self, config: IdeficsConfig) -> None:
-        super().__init__()
-        dim = config.hidden_size
-        self.input_layernorm = RMSNorm(dim, config.rms_norm_eps)
-        self.cross_attn = CrossAttention(config)
-        self.post_attention_layernorm = RMSNorm(dim, config.rms_norm_eps)
-        self.mlp = SwiGLU(dim, config.intermediate_size, act=config.hidden_act)
-        shape = (1, 1, dim) if config.alpha_type == "vector" else (1,)
-        self.alpha_cross_attn = nn.Parameter(torch.zeros(shape))
-        self.alpha_dense = nn.Parameter(torch.zeros(shape))
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        kv: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None,
-        gate: torch.Tensor | None,
-    ) -> torch.Tensor:
-        if kv is not None:
-            y = self.cross_attn(self.input_layernorm(x), kv, mask)
-            y = y.masked_fill(~gate[..., None], 0.0)
-            x = x + torch.tanh(self.alpha_cross_attn) * y
-        return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))
-
-
-@dataclass
-class CrossContext:
-    """What the gated blocks attend to: per-block keys/values, the mask (B, 1, T, N*S) and gate (B, T)."""
-
-    kv: list[tuple[torch.Tensor, torch.Tensor]]
-    mask: torch.Tensor
-    gate: torch.Tensor
-
-
-class IdeficsBase(nn.Module):
-    """Everything under the checkpoint prefix `model.`: embeddings, vision encoder, resampler, decoder."""
-
-    def __init__(self, config: IdeficsConfig) -> None:
-        super().__init__()
-        self.config = config
-        text = config.text_config
+        super().__init__(config.text_config)
+        self.idefics_config = config
         self.embed_tokens = DecoupledEmbedding(
             config.vocab_size, config.additional_vocab_size, config.hidden_size
         )
@@ -171,49 +89,23 @@ class IdeficsBase(nn.Module):
             self.perceiver_resampler = PerceiverResampler(
                 config.vision_config.hidden_size, config.perceiver_config
             )
-        self.layers = nn.ModuleList(LlamaDecoderLayer(text) for _ in range(config.num_hidden_layers))
         self.gated_cross_attn_layers = nn.ModuleList(
-            GatedCrossAttentionBlock(config) for _ in range(config.num_cross_layers)
+            GatedCrossAttentionBlock(config, j) for j in range(config.num_cross_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(text.head_dim, text.rope_theta, text.rope_scaling)
+        # the reference's (and the checkpoint's) order: seeded random init walks parameters in this order
+        for name in ("layers", "gated_cross_attn_layers", "norm", "rotary_emb"):
+            self._modules[name] = self._modules.pop(name)
 
-    def forward(
-        self,
-        inputs_embeds: torch.Tensor,
-        *,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        cross: CrossContext | None,
-        input_pos: torch.Tensor | None = None,
-        key_len: int | None = None,
-        kv_caches: dict[nn.Module, Any] | None = None,
-    ) -> torch.Tensor:
-        ctx = decoder_context(
-            self.layers,
-            self.rotary_emb,
-            inputs_embeds,
-            attention_mask,
-            position_ids,
-            input_pos,
-            key_len,
-            kv_caches,
-        )
-        interval = self.config.cross_layer_interval
-        x = inputs_embeds
-        for i, layer in enumerate(self.layers):
-            if i % interval == 0:
-                j = i // interval
-                block = self.gated_cross_attn_layers[j]
-                if cross is None:
-                    x = block(x, kv=None, mask=None, gate=None)
-                else:
-                    x = block(x, kv=cross.kv[j], mask=cross.mask, gate=cross.gate)
-            x = run_layer(layer, x, ctx)
-        return self.norm(x)
+    def decoder_layers(self) -> list[Any]:
+        """Every `cross_layer_interval`-th layer runs after its gated cross-attention block."""
+        interval = self.idefics_config.cross_layer_interval
+        return [
+            FusionLayer(self.gated_cross_attn_layers[i // interval], layer) if i % interval == 0 else layer
+            for i, layer in enumerate(self.layers)
+        ]
 
 
-class IdeficsModel(GenerationMixin, SavePretrainedMixin, nn.Module):
+class IdeficsModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module):
     """IDEFICS for generation: `model` (IdeficsBase) and the decoupled `lm_head`."""
 
     generation_inputs = (
@@ -354,7 +246,7 @@ class IdeficsModel(GenerationMixin, SavePretrainedMixin, nn.Module):
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         embeds = self.model.embed_tokens(input_ids)
         cross = self.cross_context(image_states, image_attention_mask)
-        hidden = self.model(embeds, attention_mask=attention_mask, position_ids=position_ids, cross=cross)
+        hidden = self.model(embeds, attention_mask=attention_mask, position_ids=position_ids, state=cross)
         logits = self.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
@@ -412,26 +304,99 @@ class IdeficsModel(GenerationMixin, SavePretrainedMixin, nn.Module):
         image_attention_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         **images: torch.Tensor | None,
-    ) -> IdeficsSession:
-        """Validate the inputs now (before any work) and return a session that runs the prompt once."""
+    ) -> DecoderSession:
+        """Validate the inputs now (before any work) and return a session that runs the prompt once. The
+        image states and their keys/values are computed once, at prefill."""
         check_text_inputs(input_ids, attention_mask, None)
         self.check_inputs(input_ids, image_attention_mask=image_attention_mask, **images)
-        return IdeficsSession(
-            self,
-            input_ids,
-            attention_mask,
-            image_attention_mask,
-            images,
-            interpolate_pos_encoding,
-            config.max_new_tokens,
-        )
+        given = {k: v for k, v in images.items() if v is not None}
+
+        def image_inputs() -> tuple[torch.Tensor, torch.Tensor] | None:
+            states = given.pop("image_states", None)
+            if states is None and given:
+                states = self.encode_images(
+                    **given,
+                    image_attention_mask=image_attention_mask,
+                    interpolate_pos_encoding=interpolate_pos_encoding,
+                )
+            return None if states is None else (states, image_attention_mask)
+
+        return DecoderSession(self, input_ids, attention_mask, config.max_new_tokens, image_inputs)
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
-        w = self.model.embed_tokens.weight
-        setup_kv_cache(self.model.layers, batch_size, max_seq_len, dtype=w.dtype, device=w.device)
+        self.model.setup_cache(batch_size, max_seq_len)
 
     def clear_cache(self) -> None:
-        setup_kv_cache(self.model.layers, 0, 0)
+        self.model.clear_cache()
+
+    # -- the runner (vlmkit.runner) -------------------------------------------------------------
+
+    @property
+    def decoder(self) -> IdeficsBase:
+        return self.model
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def plan(self, inputs: dict[str, torch.Tensor]) -> PromptPlan:
+        """One prompt (1, L) and its pictures: picture n affects the tokens that attend to it (its column of
+        the image mask); generated tokens attend to what the last prompt token attends to."""
+        ids, px, iam = inputs["input_ids"], inputs.get("pixel_values"), inputs.get("image_attention_mask")
+        self.check_inputs(ids, pixel_values=px, image_attention_mask=iam)
+        pixels = [] if px is None else list(px[0])
+        items = [
+            ImageItem(pixels=p, key=content_key(p), positions=iam[0, :, n].nonzero()[:, 0].tolist())
+            for n, p in enumerate(pixels)
+        ]
+        decode_items = iam[0, -1].nonzero()[:, 0].tolist() if items else []
+        return PromptPlan(
+            ids=ids, items=items, decode_items=decode_items, extra={"image_attention_mask": iam}
+        )
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(K, C, H, W) -> image states (K, S, C_vis), each picture on its own."""
+        ones = torch.ones(pixels.shape[0], 1, 1, dtype=torch.long, device=pixels.device)
+        return self.encode_images(pixel_values=pixels[:, None], image_attention_mask=ones)[:, 0]
+
+    def prompt_images(
+        self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Image states (1, N, S, C) and the image mask of the tokens from `start` on; a picture that none of
+        them attends to is zeros (masked out), and None when they attend to none."""
+        have = [f for f in features if f is not None]
+        if not have:
+            return None
+        zeros = torch.zeros_like(have[0])
+        states = torch.stack([zeros if f is None else f for f in features])[None]
+        return states, plan.extra["image_attention_mask"][:, start:]
+
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        *,
+        images: tuple[torch.Tensor, torch.Tensor] | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        at: CacheSlots,
+        kv_caches: dict[nn.Module, Any] | None = None,
+    ) -> tuple[torch.Tensor, CrossContext | None]:
+        """Prompt tokens (B, T) into the cache -> last logits (B, V) and the rows' cross context for the
+        decode steps: the images the last prompt token attends to, keys/values reused."""
+        states, iam = images if images is not None else (None, None)
+        cross = self.cross_context(states, iam)
+        hidden = self.model(
+            self.model.embed_tokens(ids),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            at=at,
+            kv_caches=kv_caches,
+            state=cross,
+        )
+        step = None if cross is None else self.cross_context(states, iam[:, -1:], kv=cross.kv)
+        return self.lm_head(hidden[:, -1]), step
+
+    def row_store(self, max_batch: int) -> CrossRows:
+        return CrossRows(max_batch)
 
 
 def scatter_rows(values: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
@@ -498,71 +463,3 @@ def apply_freeze(model: IdeficsModel, config: IdeficsConfig) -> None:
         model.lm_head.weight.requires_grad_(False)
     if config.freeze_vision_layers:
         freeze_modules(base.vision_model, config.freeze_vision_module_exceptions)
-
-
-class IdeficsSession(DecoderSession):
-    """The image states, their cross-attention keys/values and the gating are computed once, at prefill;
-    every decode step reuses them. New tokens attend to the images the last prompt token attends to, as
-    the reference's generate does."""
-
-    def __init__(
-        self,
-        model: IdeficsModel,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        image_attention_mask: torch.Tensor | None,
-        images: dict[str, torch.Tensor | None],
-        interpolate_pos_encoding: bool,
-        max_new_tokens: int,
-    ) -> None:
-        super().__init__(model.model.layers, input_ids, attention_mask, max_new_tokens)
-        self.model = model
-        self.image_attention_mask = image_attention_mask
-        self.images = {k: v for k, v in images.items() if v is not None}
-        self.interpolate = interpolate_pos_encoding
-
-    def prefill(self) -> torch.Tensor:
-        model, iam = self.model, self.image_attention_mask
-        states = self.images.pop("image_states", None)
-        if states is None and self.images:
-            states = model.encode_images(
-                **self.images, image_attention_mask=iam, interpolate_pos_encoding=self.interpolate
-            )
-        self.images = {}
-        cross = model.cross_context(states, iam)
-        B, T = self.input_ids.shape
-        model.setup_cache(B, self.mask.shape[1])
-        embeds = model.model.embed_tokens(self.input_ids)
-        hidden = model.model(
-            embeds,
-            attention_mask=self.mask[:, :T],
-            position_ids=self.positions,
-            cross=cross,
-            input_pos=torch.arange(T, device=embeds.device),
-            key_len=T,
-        )
-        if cross is not None:  # decode steps: the last prompt row of the image mask, keys/values reused
-            step = model.cross_context(states, iam[:, -1:], kv=cross.kv)
-            self.rows["cross"] = (step.kv, step.mask, step.gate)
-        return model.lm_head(hidden[:, -1])
-
-    def forward_tokens(
-        self,
-        tokens: torch.Tensor,
-        *,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        input_pos: torch.Tensor,
-        key_len: int,
-    ) -> torch.Tensor:
-        cross = CrossContext(*self.rows["cross"]) if "cross" in self.rows else None
-        embeds = self.model.model.embed_tokens(tokens)
-        hidden = self.model.model(
-            embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cross=cross,
-            input_pos=input_pos,
-            key_len=key_len,
-        )
-        return self.model.lm_head(hidden[:, -1])

@@ -25,10 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlmkit.idefics.processor import IMAGE_TOKEN as IDEFICS_IMAGE_TOKEN
-from vlmkit.idefics.processor import IdeficsProcessor, is_url
+from vlmkit.models import Family, family_named, family_of, registry
 from vlmkit.tokenizer import ChatTemplateError
-from vlmkit.vipllava.processor import LlavaProcessor
 
 IGNORE_INDEX = -100  # the label of every token the loss skips
 IMAGE_MARKER = "<image>"  # where an image goes in the data's text, by LLaVA's convention
@@ -44,7 +42,7 @@ REASONS = (
 )
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
-Processor = LlavaProcessor | IdeficsProcessor
+Processor = Any  # a processor of a registered family (vlmkit.load_processor)
 
 
 @dataclass
@@ -56,6 +54,7 @@ class Sample:
     pixel_values: torch.Tensor | None  # (n_images, 3, H, W); None without images
     image_attention_mask: torch.Tensor | None  # IDEFICS: (T, n_images) long; None for the LLaVA family
     row: int  # 1-based line number in the JSONL file
+    family: str = ""  # the registry name of the family whose processor built it (set by make_sample)
 
 
 @dataclass
@@ -112,7 +111,7 @@ def load_conversations(
     on_bad_sample: str = "skip",
     limit: int | None = None,
 ) -> tuple[list[Sample], DataReport]:
-    """Read and tokenize a conversation JSONL file for `processor`'s family (LLaVA / ViP-LLaVA or IDEFICS).
+    """Read and tokenize a conversation JSONL file for `processor`'s family (its `training_sample`).
 
     Every row is checked (JSON, turns, images on disk and decodable, `<image>` markers against images, the
     chat template, length <= max_length) before anything is returned. on_bad_sample="skip" leaves bad rows
@@ -128,11 +127,7 @@ def load_conversations(
         raise ValueError(f"max_length must be a positive int, got {max_length!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be None or a positive int, got {limit!r}")
-    if not isinstance(processor, (LlavaProcessor, IdeficsProcessor)):
-        raise TypeError(
-            f"processor must be a LlavaProcessor or an IdeficsProcessor (vlmkit.load_processor), "
-            f"got {type(processor).__name__}"
-        )
+    family = processor_family(processor)
     if (processor.chat_template or processor.tokenizer.chat_template) is None:
         raise ValueError("the processor has no chat template to render the conversations with")
     path = Path(path)
@@ -145,7 +140,7 @@ def load_conversations(
             break
         report.total += 1
         try:
-            samples.append(make_sample(line, row, path.parent, processor, max_length=max_length))
+            samples.append(make_sample(line, row, path.parent, processor, family, max_length=max_length))
         except BadRow as bad:
             if on_bad_sample == "error":
                 raise ValueError(
@@ -168,7 +163,18 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield row, line
 
 
-def make_sample(line: str, row: int, folder: Path, processor: Processor, *, max_length: int) -> Sample:
+def processor_family(processor: Processor) -> Family:
+    """The registry entry of the processor's family; TypeError for anything else."""
+    classes = [family.processor_cls for family in registry()]
+    if not isinstance(processor, tuple(classes)):
+        names = " or ".join(f"{'an' if c.__name__[0] in 'AEIOU' else 'a'} {c.__name__}" for c in classes)
+        raise TypeError(f"processor must be {names} (vlmkit.load_processor), got {type(processor).__name__}")
+    return family_of(processor)
+
+
+def make_sample(
+    line: str, row: int, folder: Path, processor: Processor, family: Family, *, max_length: int
+) -> Sample:
     """One JSONL line -> a Sample, or BadRow."""
     conversation = parse_row(line, folder)
     turns = place_markers(conversation.turns, len(conversation.images))
@@ -178,10 +184,8 @@ def make_sample(line: str, row: int, folder: Path, processor: Processor, *, max_
     mask = np.zeros(len(text), dtype=bool)  # True on the characters the model learns
     for start, end in spans:
         mask[start:end] = True
-    if isinstance(processor, IdeficsProcessor):
-        sample = idefics_sample(processor, text, mask, pixel_values, row)
-    else:
-        sample = llava_sample(processor, text, mask, pixel_values, row)
+    sample = family.training_sample(processor, text, mask, pixel_values, row)
+    sample.family = family.name
     if len(sample.input_ids) > max_length:
         raise BadRow("too long", f"{len(sample.input_ids)} tokens, above max_length={max_length}")
     return sample
@@ -336,127 +340,15 @@ def count_rendered_images(text: str, marker: str, n_images: int) -> None:
         )
 
 
-def llava_sample(
-    processor: LlavaProcessor, text: str, mask: np.ndarray, pixel_values: torch.Tensor | None, row: int
-) -> Sample:
-    """Each `<image>` becomes tokens_for(H, W) image tokens, then the text is tokenized with special tokens,
-    as LlavaProcessor does."""
-    marker = processor.image_token
-    n_images = 0 if pixel_values is None else len(pixel_values)
-    count_rendered_images(text, marker, n_images)
-    per_image = 0
-    if pixel_values is not None:
-        per_image = processor.tokens_for(*pixel_values.shape[-2:])
-        pieces = text.split(marker)
-        text = (marker * per_image).join(pieces)
-        mask = np.concatenate(spread(mask, [len(p) for p in pieces], len(marker), len(marker) * per_image))
-    encoding = processor.tokenizer.backend.encode(text, add_special_tokens=True)
-    ids = encoding.ids
-    found = ids.count(processor.image_token_id)
-    if found != n_images * per_image:
-        raise BadRow(
-            "image count", f"the text tokenizes to {found} image tokens, not {n_images} x {per_image}"
-        )
-    return Sample(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        labels=label_tokens(ids, encoding.offsets, text, mask, processor.image_token_id),
-        pixel_values=pixel_values,
-        image_attention_mask=None,
-        row=row,
-    )
-
-
-def spread(mask: np.ndarray, piece_lengths: list[int], gap: int, new_gap: int) -> list[np.ndarray]:
-    """The mask of text pieces separated by `gap` characters, with each gap widened to `new_gap` unlearned
-    characters."""
-    out, pos = [], 0
-    for k, length in enumerate(piece_lengths):
-        out.append(mask[pos : pos + length])
-        pos += length
-        if k < len(piece_lengths) - 1:
-            out.append(np.zeros(new_gap, dtype=bool))
-            pos += gap
-    return out
-
-
-class _Image:
-    """An image slot for IdeficsProcessor.build_prompt (a path string there would be read as text)."""
-
-
-def idefics_sample(
-    processor: IdeficsProcessor, text: str, mask: np.ndarray, pixel_values: torch.Tensor | None, row: int
-) -> Sample:
-    """The rendered text is split at its `<image>` markers into an interleaved sample, which build_prompt
-    turns into the IDEFICS prompt (BOS, image and fake tokens, pieces stripped of end spaces)."""
-    n_images = 0 if pixel_values is None else len(pixel_values)
-    count_rendered_images(text, IDEFICS_IMAGE_TOKEN, n_images)
-    prompt, prompt_mask = idefics_prompt(processor, text, mask)
-    encoding = processor.tokenizer.backend.encode(prompt, add_special_tokens=False)
-    ids = torch.tensor(encoding.ids, dtype=torch.long)
-    found = int((ids == processor.image_token_id).sum())
-    if found != n_images:
-        raise BadRow("image count", f"the prompt tokenizes to {found} image tokens for {n_images} images")
-    if n_images:
-        image_attention_mask = processor.image_attention_mask(ids[None], n_images)[0]  # (T, N)
-    else:
-        image_attention_mask = torch.zeros(len(ids), 0, dtype=torch.long)
-    return Sample(
-        input_ids=ids,
-        labels=label_tokens(encoding.ids, encoding.offsets, prompt, prompt_mask, processor.image_token_id),
-        pixel_values=pixel_values,
-        image_attention_mask=image_attention_mask.long(),
-        row=row,
-    )
-
-
-def idefics_prompt(processor: IdeficsProcessor, text: str, mask: np.ndarray) -> tuple[str, np.ndarray]:
-    """build_prompt's string for the rendered text, and the learned-character mask carried over to it.
-    Where each text piece lands is read off build_prompt itself: the prompt of the first j items ends
-    where item j ends."""
-    sample: list[Any] = []
-    starts: dict[int, int] = {}  # sample index of a text piece -> its start in `text`
-    pos = 0
-    pieces = text.split(IDEFICS_IMAGE_TOKEN)
-    for k, piece in enumerate(pieces):
-        if piece:  # as IdeficsProcessor.apply_chat_template: empty pieces are left out
-            if is_url(piece.strip(" ")):
-                raise BadRow(
-                    "image count",
-                    f"the text {piece.strip()!r} looks like a URL, which IDEFICS reads as an image",
-                )
-            starts[len(sample)] = pos
-            sample.append(piece)
-        pos += len(piece)
-        if k < len(pieces) - 1:
-            sample.append(_Image())
-            pos += len(IDEFICS_IMAGE_TOKEN)
-
-    def build(items: list[Any]) -> str:
-        return processor.build_prompt(items, add_end_of_utterance_token=False, add_eos_token=False)[0]
-
-    prompt = build(sample)
-    prompt_mask = np.zeros(len(prompt), dtype=bool)
-    for j, start in starts.items():
-        piece = sample[j]
-        kept = piece.strip(" ")
-        end = len(build(sample[: j + 1]))
-        begin = end - len(kept)
-        if prompt[begin:end] != kept:
-            raise AssertionError(f"build_prompt did not write {kept!r} where expected")
-        lead = len(piece) - len(piece.lstrip(" "))
-        prompt_mask[begin:end] = mask[start + lead : start + lead + len(kept)]
-    return prompt, prompt_mask
-
-
 # -- batching --------------------------------------------------------------------------------------
 
 
 def collate(samples: list[Sample], *, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-pad samples into a batch: input_ids, attention_mask (1/0), labels (IGNORE_INDEX on padding).
 
-    LLaVA family: pixel_values (N_total, 3, H, W), every sample's images in order; absent without images.
-    IDEFICS: pixel_values (B, N_max, 3, H, W) and image_attention_mask (B, T_max, N_max), zero-padded;
-    both absent when no sample has an image.
+    The images batch as the samples' family says (its `collate_images`). LLaVA family: pixel_values
+    (N_total, 3, H, W), every sample's images in order; IDEFICS: pixel_values (B, N_max, 3, H, W) and
+    image_attention_mask (B, T_max, N_max), zero-padded; both absent when no sample has an image.
 
         >>> batch = collate(samples[:4], pad_token_id=0)
         >>> model(**batch).loss
@@ -465,11 +357,10 @@ def collate(samples: list[Sample], *, pad_token_id: int) -> dict[str, torch.Tens
         raise ValueError("collate needs at least one sample")
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
         raise ValueError(f"pad_token_id must be an int, got {pad_token_id!r}")
-    idefics = {s.image_attention_mask is not None for s in samples}
-    if len(idefics) > 1:
-        raise ValueError(
-            "the samples mix the IDEFICS and LLaVA families (only some have image_attention_mask)"
-        )
+    names = {s.family for s in samples}
+    if len(names) > 1:
+        titles = " and ".join(sorted(family_named(n).title for n in names))
+        raise ValueError(f"the samples mix the {titles} families; a batch holds one family's samples")
     B, T = len(samples), max(len(s.input_ids) for s in samples)
     input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros(B, T, dtype=torch.long)
@@ -484,30 +375,5 @@ def collate(samples: list[Sample], *, pad_token_id: int) -> dict[str, torch.Tens
         attention_mask[b, :n] = 1
         labels[b, :n] = s.labels
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if idefics.pop():
-        batch.update(collate_idefics_images(samples, T))
-    else:
-        pixels = [s.pixel_values for s in samples if s.pixel_values is not None and len(s.pixel_values)]
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels)
+    batch.update(family_named(names.pop()).collate_images(samples, T))
     return batch
-
-
-def collate_idefics_images(samples: list[Sample], T: int) -> dict[str, torch.Tensor]:
-    counts = [0 if s.pixel_values is None else len(s.pixel_values) for s in samples]
-    N = max(counts)
-    if N == 0:
-        return {}
-    first = next(s.pixel_values for s in samples if s.pixel_values is not None and len(s.pixel_values))
-    pixel_values = first.new_zeros(len(samples), N, *first.shape[1:])  # (B, N, 3, H, W)
-    image_attention_mask = torch.zeros(len(samples), T, N, dtype=torch.long)  # (B, T, N)
-    for b, (s, n) in enumerate(zip(samples, counts, strict=True)):
-        if s.image_attention_mask.shape != (len(s.input_ids), n):
-            raise ValueError(
-                f"row {s.row}: image_attention_mask {tuple(s.image_attention_mask.shape)} does not match "
-                f"{len(s.input_ids)} tokens x {n} images"
-            )
-        if n:
-            pixel_values[b, :n] = s.pixel_values
-            image_attention_mask[b, : len(s.input_ids), :n] = s.image_attention_mask
-    return {"pixel_values": pixel_values, "image_attention_mask": image_attention_mask}

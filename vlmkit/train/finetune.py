@@ -13,8 +13,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -26,20 +24,17 @@ import torch.distributed as dist
 from torch import nn
 
 from vlmkit.llama import causal_lm_loss
-from vlmkit.models import init_model, load_model, load_processor
-from vlmkit.train.data import Sample, collate, load_conversations
+from vlmkit.models import family_of, init_model, load_model, load_processor, lora_target_regex, resolve_model
+from vlmkit.train.checkpoints import (
+    copy_processor_files,
+    latest_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from vlmkit.train.data import DataReport, Sample, collate, load_conversations
 from vlmkit.weights import read_config_file
 
 TRAIN_MODES = ("config", "projector", "lora", "full")
-PROCESSOR_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "processor_config.json",
-    "preprocessor_config.json",
-    "chat_template.json",
-    "chat_template.jinja",
-)
 
 
 @dataclass
@@ -114,32 +109,25 @@ class FinetuneResult:
 
 
 def select_trainable(model: nn.Module, config: FinetuneConfig) -> nn.Module:
-    """Set requires_grad for the mode; returns the model to train (a peft model for LoRA)."""
+    """Set requires_grad for the mode, on the parts the model's family names for it; returns the model to train
+    (a peft model for LoRA)."""
+    parts = family_of(model).trainable
     if config.train == "full":
         model.requires_grad_(True)
     elif config.train == "projector":
         model.requires_grad_(False)
-        for name in ("multi_modal_projector",):
-            if hasattr(model, name):
-                getattr(model, name).requires_grad_(True)
-        base = getattr(model, "model", None)
-        for name in ("perceiver_resampler", "gated_cross_attn_layers"):
-            if base is not None and hasattr(base, name):
-                getattr(base, name).requires_grad_(True)
-        extra = [m for n, m in model.named_modules() if n.endswith(("additional_embedding", "additional_fc"))]
-        for m in extra:  # IDEFICS's new-token rows always train
-            m.requires_grad_(True)
+        for name, module in model.named_modules():
+            if any(name == part or name.endswith(f".{part}") for part in parts.projector):
+                module.requires_grad_(True)
     elif config.train == "lora":
         from peft import LoraConfig, get_peft_model
 
         model.requires_grad_(False)
-        targets = "|".join(config.lora_targets)
-        scope = r"(language_model|model\.layers|model\.gated_cross_attn_layers)"
         lora = LoraConfig(
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=rf".*{scope}.*\.({targets})$",
+            target_modules=lora_target_regex(family_of(model), config.lora_targets),
         )
         model = get_peft_model(model, lora)
     if not any(p.requires_grad for p in model.parameters()):
@@ -154,7 +142,8 @@ def param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if config.vision_lr is None:
         return [{"params": [p for _, p in trainable]}]
-    in_tower = [("vision_tower." in n or "vision_model." in n) for n, _ in trainable]
+    tower = family_of(model).trainable.vision
+    in_tower = [any(part in n for part in tower) for n, _ in trainable]
     vision = [p for (_, p), t in zip(trainable, in_tower, strict=True) if t]
     rest = [p for (_, p), t in zip(trainable, in_tower, strict=True) if not t]
     if not vision:
@@ -201,62 +190,6 @@ def batch_loss_sum(
     return causal_lm_loss(logits, labels, reduction="sum"), int((labels[:, 1:] != -100).sum())
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def save_checkpoint(
-    folder: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: dict[str, Any],
-    processor_dir: Path | None,
-) -> None:
-    """Write weights (safetensors, or a peft adapter), optimizer/scheduler/RNG/data position, and the
-    processor files into a temporary folder, fsync, then rename it into place: a kill at any moment leaves
-    either the previous checkpoint or this one, never half of one."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        model.save_pretrained(tmp)
-        copy_processor_files(processor_dir, tmp)
-        trainer = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            **state,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-        }
-        torch.save(trainer, tmp / "trainer_state.pt")
-        for path in tmp.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def copy_processor_files(src: Path | None, dst: Path) -> None:
-    if src is None:
-        return
-    for name in PROCESSOR_FILES:
-        if (src / name).is_file():
-            shutil.copy(src / name, dst / name)
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted(
-        (int(p.name.split("-")[1]), p)
-        for p in output_dir.glob("checkpoint-*")
-        if p.name.split("-")[1].isdigit() and (p / "trainer_state.pt").is_file()
-    )
-    return found[-1][1] if found else None
-
-
 def merge_lora(
     adapter_dir: str | os.PathLike, base_model: str | os.PathLike, output_dir: str | os.PathLike
 ) -> Path:
@@ -268,8 +201,7 @@ def merge_lora(
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     out = Path(output_dir)
     merged.save_pretrained(out)
-    base_dir = Path(base_model)
-    copy_processor_files(base_dir if base_dir.is_dir() else None, out)
+    copy_processor_files(resolve_model(base_model), out)
     return out
 
 
@@ -297,12 +229,66 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             dist.destroy_process_group()
 
 
+@dataclass
+class Job:
+    """One training run in progress: what `_prepare` sets up and each `_step` advances."""
+
+    config: FinetuneConfig
+    rank: int
+    world: int
+    device: torch.device
+    distributed: bool
+    processor_dir: Path
+    samples: list[Sample]
+    eval_samples: list[Sample]
+    report: DataReport
+    model: nn.Module
+    train_model: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list[nn.Parameter]
+    pad_id: int
+    autocast: bool
+    total_steps: int
+    steps_per_epoch: int
+    global_batch: int
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
 def _train(
     config: FinetuneConfig, rank: int, world: int, device: torch.device, distributed: bool
 ) -> FinetuneResult:
-    output_dir = Path(config.output_dir)
-    processor_dir = Path(config.processor or config.model)
-    processor = load_processor(processor_dir)
+    job = _prepare(config, rank, world, device, distributed)
+    if rank == 0:
+        job.output_dir.mkdir(parents=True, exist_ok=True)
+    bar = None
+    if rank == 0 and config.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=job.total_steps, initial=job.step, desc="finetune", unit="step")
+    while job.step < job.total_steps:
+        record = _step(job)
+        _after_step(job, record, bar)
+        if distributed:
+            dist.barrier()
+    if bar is not None:
+        bar.close()
+    if rank == 0:
+        _save(job, job.output_dir / "final")
+    return FinetuneResult(
+        steps=job.step, losses=job.losses, output_dir=str(job.output_dir), data_summary=job.report.summary()
+    )
+
+
+def _load_data(
+    config: FinetuneConfig, processor: Any, rank: int
+) -> tuple[list[Sample], list[Sample], DataReport]:
+    """The training samples (at least one, or ValueError), the evaluation samples, and the data report."""
     samples, report = load_conversations(
         config.data, processor, max_length=config.max_length, on_bad_sample=config.on_bad_sample
     )
@@ -315,7 +301,11 @@ def _train(
         )
     if rank == 0:
         print(f"data: {report.summary()}", flush=True)
+    return samples, eval_samples, report
 
+
+def _build_model(config: FinetuneConfig, device: torch.device) -> nn.Module:
+    """The starting model (a checkpoint, or random weights from init_config) with the mode's parts trainable."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     if config.model is not None:
@@ -324,145 +314,132 @@ def _train(
         model = init_model(read_config_file(Path(config.init_config)), seed=config.init_seed).to(device)
     model = select_trainable(model, config)
     set_gradient_checkpointing(model, config.gradient_checkpointing)
-    model.train()
+    return model.train()
+
+
+def _prepare(config: FinetuneConfig, rank: int, world: int, device: torch.device, distributed: bool) -> Job:
+    """Data, model, optimizer and schedule, resumed from the latest checkpoint when config.resume says so."""
+    processor_dir = resolve_model(config.processor or config.model)
+    processor = load_processor(processor_dir)
+    samples, eval_samples, report = _load_data(config, processor, rank)
+    model = _build_model(config, device)
     pad_id = processor.tokenizer.pad_token_id
-    pad_id = pad_id if pad_id is not None else 0
     autocast = (
         config.bf16 if config.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
     )
-
     global_batch = config.batch_size * config.grad_accum * world
     steps_per_epoch = max(1, len(samples) // global_batch)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     groups = param_groups(model, config)
-    params = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: lr_lambda(s, warmup=config.warmup_steps, total=total_steps, min_ratio=config.min_lr_ratio),
     )
     step, losses = 0, []
-    if config.resume and (ckpt := latest_checkpoint(output_dir)) is not None:
-        step, losses = _resume(ckpt, model, optimizer, scheduler, config, device)
+    if config.resume and (ckpt := latest_checkpoint(Path(config.output_dir))) is not None:
+        step, losses = restore_checkpoint(
+            ckpt, model, optimizer, scheduler, lora=config.train == "lora", device=device
+        )
         if rank == 0:
             print(f"resumed from {ckpt} at step {step}", flush=True)
     # parts of a model can sit out a step (tower layers past the deepest tap, the tower on text-only rows)
     train_model = (
         nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
     )
-
-    metrics = output_dir / "metrics.jsonl"
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    bar = None
-    if rank == 0 and config.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="finetune", unit="step")
-    while step < total_steps:
-        epoch, index = divmod(step, steps_per_epoch)
-        order = epoch_order(len(samples), config.seed, epoch)
-        rows = order[index * global_batch : (index + 1) * global_batch]
-        mine = rows[
-            rank * config.batch_size * config.grad_accum : (rank + 1) * config.batch_size * config.grad_accum
-        ]
-        micro = [mine[i : i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
-        started = time.perf_counter()
-        batches = [_to(collate([samples[i] for i in m], pad_token_id=pad_id), device) for m in micro]
-        n_tokens = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), device=device)
-        if distributed:
-            dist.all_reduce(n_tokens)
-        denom = max(1, int(n_tokens))
-        loss_sum = torch.zeros((), device=device)
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
-            sync = train_model.no_sync() if distributed and not last else nullcontext()
-            with sync:
-                part, _ = batch_loss_sum(train_model, batch, autocast)
-                (part * world / denom).backward()  # DDP averages gradients over the world
-            loss_sum += part.detach().float()
-        if distributed:
-            dist.all_reduce(loss_sum)
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss = float(loss_sum) / denom
-        losses.append(loss)
-        elapsed = time.perf_counter() - started
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches) * world
-        record = {
-            "step": step,
-            "loss": loss,
-            "lr": scheduler.get_last_lr()[0],
-            "tokens_per_s": tokens / elapsed,
-        }
-        if eval_samples and config.eval_every and (step % config.eval_every == 0 or step == total_steps):
-            record["eval_loss"] = evaluate(model, eval_samples, pad_id, config.batch_size, device, autocast)
-        if rank == 0:
-            with open(metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                bar.update(1)
-            if (config.save_every and step % config.save_every == 0) or step == total_steps:
-                save_checkpoint(
-                    output_dir / f"checkpoint-{step}",
-                    model,
-                    optimizer,
-                    scheduler,
-                    {"step": step, "losses": losses, "config": asdict(config)},
-                    processor_dir,
-                )
-        if distributed:
-            dist.barrier()
-    if bar is not None:
-        bar.close()
-    if rank == 0:
-        final = output_dir / "final"
-        save_checkpoint(
-            final,
-            model,
-            optimizer,
-            scheduler,
-            {"step": step, "losses": losses, "config": asdict(config)},
-            processor_dir,
-        )
-    return FinetuneResult(
-        steps=step, losses=losses, output_dir=str(output_dir), data_summary=report.summary()
+    return Job(
+        config=config,
+        rank=rank,
+        world=world,
+        device=device,
+        distributed=distributed,
+        processor_dir=processor_dir,
+        samples=samples,
+        eval_samples=eval_samples,
+        report=report,
+        model=model,
+        train_model=train_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=[p for g in groups for p in g["params"]],
+        pad_id=pad_id if pad_id is not None else 0,
+        autocast=autocast,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        global_batch=global_batch,
+        step=step,
+        losses=losses,
     )
 
 
-def _resume(
-    ckpt: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    config: FinetuneConfig,
-    device: torch.device,
-) -> tuple[int, list[float]]:
-    from vlmkit.weights import read_tensors, weight_files
+def _micro_batches(job: Job) -> list[dict[str, torch.Tensor]]:
+    """This process's share of the step's global batch, as micro-batches on the device."""
+    config = job.config
+    epoch, index = divmod(job.step, job.steps_per_epoch)
+    order = epoch_order(len(job.samples), config.seed, epoch)
+    rows = order[index * job.global_batch : (index + 1) * job.global_batch]
+    share = config.batch_size * config.grad_accum
+    mine = rows[job.rank * share : (job.rank + 1) * share]
+    micro = [mine[i : i + config.batch_size] for i in range(0, len(mine), config.batch_size)]
+    return [_to(collate([job.samples[i] for i in m], pad_token_id=job.pad_id), job.device) for m in micro]
 
-    state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=True)
-    if config.train == "lora":
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
-    else:
-        tensors = read_tensors(weight_files(ckpt))
-        own = model.state_dict()
-        with torch.no_grad():
-            for name, ref in tensors.items():
-                if name in own:
-                    own[name].copy_(ref.load(device=device))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    random.setstate(state["rng"]["python"])
-    return int(state["step"]), list(state["losses"])
+def _step(job: Job) -> dict[str, Any]:
+    """One optimizer step over the global batch; its metrics record."""
+    started = time.perf_counter()
+    batches = _micro_batches(job)
+    n_tokens = torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), device=job.device)
+    if job.distributed:
+        dist.all_reduce(n_tokens)
+    denom = max(1, int(n_tokens))
+    loss_sum = torch.zeros((), device=job.device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = job.train_model.no_sync() if job.distributed and not last else nullcontext()
+        with sync:
+            part, _ = batch_loss_sum(job.train_model, batch, job.autocast)
+            (part * job.world / denom).backward()  # DDP averages gradients over the world
+        loss_sum += part.detach().float()
+    if job.distributed:
+        dist.all_reduce(loss_sum)
+    if job.config.max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(job.params, job.config.max_grad_norm)
+    job.optimizer.step()
+    job.scheduler.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    job.step += 1
+    loss = float(loss_sum) / denom
+    job.losses.append(loss)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches) * job.world
+    return {
+        "step": job.step,
+        "loss": loss,
+        "lr": job.scheduler.get_last_lr()[0],
+        "tokens_per_s": tokens / (time.perf_counter() - started),
+    }
+
+
+def _after_step(job: Job, record: dict[str, Any], bar: Any) -> None:
+    """Evaluation when it is due; on rank 0, the metrics line, the progress bar and a checkpoint when due."""
+    config, step = job.config, job.step
+    if job.eval_samples and config.eval_every and (step % config.eval_every == 0 or step == job.total_steps):
+        record["eval_loss"] = evaluate(
+            job.model, job.eval_samples, job.pad_id, config.batch_size, job.device, job.autocast
+        )
+    if job.rank != 0:
+        return
+    with open(job.output_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if bar is not None:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+    if (config.save_every and step % config.save_every == 0) or step == job.total_steps:
+        _save(job, job.output_dir / f"checkpoint-{step}")
+
+
+def _save(job: Job, folder: Path) -> None:
+    state = {"step": job.step, "losses": job.losses, "config": asdict(job.config)}
+    save_checkpoint(folder, job.model, job.optimizer, job.scheduler, state, job.processor_dir)
 
 
 @torch.no_grad()

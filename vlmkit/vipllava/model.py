@@ -9,13 +9,16 @@ single-layer case without the norm. Attribute names equal the published checkpoi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from vlmkit.clip import CLIPVisionModel
-from vlmkit.generation import DecoderSession, GenerationConfig, GenerationMixin
-from vlmkit.llama import LlamaForCausalLM, causal_lm_loss, check_text_inputs
-from vlmkit.modules import CausalLMOutput, activation
+from vlmkit.generation import GenerationConfig, GenerationMixin
+from vlmkit.llama import LlamaForCausalLM, LlamaModel, causal_lm_loss, check_text_inputs
+from vlmkit.modules import CacheSlots, CausalLMOutput, activation
+from vlmkit.runner import DecoderSession, ImageItem, PromptPlan, RunnerMixin, content_key
 from vlmkit.vipllava.config import VipLlavaConfig
 from vlmkit.weights import SavePretrainedMixin
 
@@ -60,7 +63,7 @@ class MultiLayerProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class VipLlavaModel(GenerationMixin, SavePretrainedMixin, nn.Module):
+class VipLlavaModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module):
     """ViP-LLaVA (`model_type: vipllava`) or LLaVA-1.5 (`model_type: llava`), chosen by the config."""
 
     generation_inputs = ("pixel_values", "image_features")
@@ -172,7 +175,7 @@ class VipLlavaModel(GenerationMixin, SavePretrainedMixin, nn.Module):
         config: GenerationConfig,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
-    ) -> LlavaSession:
+    ) -> DecoderSession:
         """Validate the inputs now (before any work) and return a session that runs the prompt once."""
         check_text_inputs(input_ids, attention_mask, None)
         if pixel_values is not None and image_features is not None:
@@ -187,58 +190,63 @@ class VipLlavaModel(GenerationMixin, SavePretrainedMixin, nn.Module):
             else (image_features.shape[0] if image_features is not None else 0)
         )
         self.check_image_tokens(input_ids, n_images)
-        return LlavaSession(
-            self, input_ids, attention_mask, pixel_values, image_features, config.max_new_tokens
-        )
 
+        def images() -> torch.Tensor | None:  # the vision tower runs once, at prefill
+            return self.get_image_features(pixel_values) if pixel_values is not None else image_features
 
-class LlavaSession(DecoderSession):
-    def __init__(
+        return DecoderSession(self, input_ids, attention_mask, config.max_new_tokens, images)
+
+    # -- the runner (vlmkit.runner) -------------------------------------------------------------
+
+    @property
+    def decoder(self) -> LlamaModel:
+        return self.language_model.model
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model(hidden)
+
+    def plan(self, inputs: dict[str, torch.Tensor]) -> PromptPlan:
+        """One prompt (1, L) and its pictures: picture j fills the j-th run of `<image>` tokens."""
+        ids, pixels = inputs["input_ids"], inputs.get("pixel_values")
+        n = 0 if pixels is None else pixels.shape[0]
+        self.check_image_tokens(ids, n)
+        where = (ids[0] == self.config.image_token_index).nonzero()[:, 0].tolist()
+        per = self.config.image_tokens_per_image
+        items = [
+            ImageItem(pixels=p, key=content_key(p), positions=where[j * per : (j + 1) * per])
+            for j, p in enumerate([] if pixels is None else list(pixels))
+        ]
+        return PromptPlan(ids=ids, items=items, decode_items=[])
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(K, C, H, W) -> projected features (K, P, C_text)."""
+        return self.get_image_features(pixels)
+
+    def prompt_images(
+        self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]
+    ) -> torch.Tensor | None:
+        """The features of the `<image>` tokens from `start` on, in order (1, n, C)."""
+        n = int((plan.ids[0, start:] == self.config.image_token_index).sum())
+        if not n:
+            return None
+        return torch.cat([f for f in features if f is not None])[-n:][None]
+
+    def prefill(
         self,
-        model: VipLlavaModel,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        pixel_values: torch.Tensor | None,
-        image_features: torch.Tensor | None,
-        max_new_tokens: int,
-    ) -> None:
-        self.lm = model.language_model
-        super().__init__(self.lm.model.layers, input_ids, attention_mask, max_new_tokens)
-        self.model = model
-        self.pixel_values, self.image_features = pixel_values, image_features
-
-    def prefill(self) -> torch.Tensor:
-        features = self.image_features
-        if self.pixel_values is not None:
-            features = self.model.get_image_features(self.pixel_values)  # the vision tower runs once
-        self.pixel_values = self.image_features = None
-        embeds = self.model.embed_inputs(self.input_ids, features)
-        B, T = self.input_ids.shape
-        self.lm.model.setup_cache(B, self.mask.shape[1])
-        hidden = self.lm.model(
-            embeds[:, :],
-            attention_mask=self.mask[:, :T],
-            position_ids=self.positions,
-            input_pos=torch.arange(T, device=embeds.device),
-            key_len=T,
-        )
-        return self.lm(hidden[:, -1])
-
-    def forward_tokens(
-        self,
-        tokens: torch.Tensor,
+        ids: torch.Tensor,
         *,
-        attention_mask: torch.Tensor,
+        images: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
-        input_pos: torch.Tensor,
-        key_len: int,
-    ) -> torch.Tensor:
-        embeds = self.lm.model.embed_tokens(tokens)
-        hidden = self.lm.model(
-            embeds,
+        at: CacheSlots,
+        kv_caches: dict[nn.Module, Any] | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """Prompt tokens (B, T) with their image features into the cache -> last logits (B, V); no row state."""
+        hidden = self.decoder(
+            self.embed_inputs(ids, images),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            input_pos=input_pos,
-            key_len=key_len,
+            at=at,
+            kv_caches=kv_caches,
         )
-        return self.lm(hidden[:, -1])
+        return self.head(hidden[:, -1]), None

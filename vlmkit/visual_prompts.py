@@ -146,6 +146,11 @@ def _mask_image(spec: dict, image: Image.Image, kind: str) -> Image.Image:
     return mask
 
 
+SPEC_FIELDS = frozenset(
+    {"type", "box", "points", "point", "polygon", "mask", "color", "alpha", "width", "seed"}
+)
+
+
 def draw_prompt(image: Image.Image, spec: dict[str, Any], *, seed: int | None = None) -> Image.Image:
     """One visual prompt drawn onto an RGB image (a new image is returned)."""
     if not isinstance(spec, dict):
@@ -153,18 +158,7 @@ def draw_prompt(image: Image.Image, spec: dict[str, Any], *, seed: int | None = 
     kind = spec.get("type")
     if kind not in KINDS:
         raise ValueError(f"type {kind!r} is not a visual prompt kind; use one of {list(KINDS)}")
-    unknown = set(spec) - {
-        "type",
-        "box",
-        "points",
-        "point",
-        "polygon",
-        "mask",
-        "color",
-        "alpha",
-        "width",
-        "seed",
-    }
+    unknown = set(spec) - SPEC_FIELDS
     if unknown:
         raise ValueError(f"{kind}: unknown fields {sorted(unknown)}")
     color = parse_color(spec.get("color", "red"))
@@ -177,11 +171,27 @@ def draw_prompt(image: Image.Image, spec: dict[str, Any], *, seed: int | None = 
     width = max(1, round(width))
     seed = spec.get("seed", seed)
     rng = np.random.default_rng(seed) if seed is not None else None
-    jitter = width / 2
-
     base = image.convert("RGB")
-    layer = Image.new("L", base.size, 0)  # where the prompt covers the image
+    layer = _coverage(spec, kind, base, width, rng)
+    if not layer.getbbox():
+        raise ValueError(f"{kind}: the prompt covers no pixel of the image")
+    coverage = layer.point(lambda v: round(v * alpha))
+    return Image.composite(Image.new("RGB", base.size, color), base, coverage)
+
+
+def _coverage(
+    spec: dict[str, Any], kind: str, base: Image.Image, width: int, rng: np.random.Generator | None
+) -> Image.Image:
+    """Where the prompt covers the image: an "L" layer of its size (255: covered)."""
+    if kind in ("mask_contour", "mask"):
+        mask = _mask_image(spec, base, kind)
+        if kind == "mask":
+            return mask
+        inner = mask.filter(ImageFilter.MinFilter(2 * (width // 2) + 1))
+        return ImageChops.subtract(mask, inner)
+    layer = Image.new("L", base.size, 0)
     draw = ImageDraw.Draw(layer)
+    jitter = width / 2
     if kind in ("rectangle", "ellipse"):
         x0, y0, x1, y1 = _box(spec, base, kind)
         if kind == "rectangle":
@@ -202,40 +212,35 @@ def draw_prompt(image: Image.Image, spec: dict[str, Any], *, seed: int | None = 
         r = max(2.0, 1.5 * width)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
     elif kind == "arrow":
-        (tx, ty), (hx, hy) = _points(spec, "points", 2, base, kind)
-        length = math.hypot(hx - tx, hy - ty)
-        if length < 2 * width:
-            raise ValueError(
-                f"arrow: tail and head are {length:.1f} px apart; they must be at least {2 * width} px apart"
-            )
-        ux, uy = (hx - tx) / length, (hy - ty) / length
-        head = min(length / 2, 4 * width)
-        base_x, base_y = hx - ux * head, hy - uy * head
-        draw.line([(tx, ty), (base_x, base_y)], fill=255, width=width)
-        draw.polygon(
-            [
-                (hx, hy),
-                (base_x - uy * head / 2, base_y + ux * head / 2),
-                (base_x + uy * head / 2, base_y - ux * head / 2),
-            ],
-            fill=255,
-        )
-    elif kind == "scribble":
+        _draw_arrow(draw, _points(spec, "points", 2, base, kind), width)
+    else:  # scribble
         points = _points(spec, "points", None, base, kind)
         if len(points) < 2 or len(set(points)) < 2:
             raise ValueError("scribble: 'points' needs at least 2 different points")
         draw.line(_wobble(points, rng, jitter, base), fill=255, width=width, joint="curve")
-    else:  # mask_contour / mask
-        mask = _mask_image(spec, base, kind)
-        if kind == "mask":
-            layer = mask
-        else:
-            inner = mask.filter(ImageFilter.MinFilter(2 * (width // 2) + 1))
-            layer = ImageChops.subtract(mask, inner)
-    if not layer.getbbox():
-        raise ValueError(f"{kind}: the prompt covers no pixel of the image")
-    coverage = layer.point(lambda v: round(v * alpha))
-    return Image.composite(Image.new("RGB", base.size, color), base, coverage)
+    return layer
+
+
+def _draw_arrow(draw: ImageDraw.ImageDraw, points: list[tuple[float, float]], width: int) -> None:
+    """A shaft from the tail to the base of a triangular head whose tip is the head point."""
+    (tx, ty), (hx, hy) = points
+    length = math.hypot(hx - tx, hy - ty)
+    if length < 2 * width:
+        raise ValueError(
+            f"arrow: tail and head are {length:.1f} px apart; they must be at least {2 * width} px apart"
+        )
+    ux, uy = (hx - tx) / length, (hy - ty) / length
+    head = min(length / 2, 4 * width)
+    base_x, base_y = hx - ux * head, hy - uy * head
+    draw.line([(tx, ty), (base_x, base_y)], fill=255, width=width)
+    draw.polygon(
+        [
+            (hx, hy),
+            (base_x - uy * head / 2, base_y + ux * head / 2),
+            (base_x + uy * head / 2, base_y - ux * head / 2),
+        ],
+        fill=255,
+    )
 
 
 def draw_visual_prompts(image: Image.Image, prompts: Any, *, seed: int | None = None) -> Image.Image:

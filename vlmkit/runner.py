@@ -1,0 +1,239 @@
+"""The model-runner interface: what `generate` and the server engine know of a model family, and nothing more.
+
+A family's model implements `Runner` (most of it comes from `RunnerMixin`):
+- `plan(inputs)`: one request's processor outputs -> a `PromptPlan`: its token ids and its pictures as
+  `ImageItem`s (pixels, metadata, a content hash, and the prompt tokens whose keys/values depend on each);
+- `encode(pixels)`: per-picture features, which is what the engine's feature cache stores;
+- `prompt_images(plan, start, features)`: what the prefill of the plan's tokens from `start` on needs of
+  the pictures, in the family's own form;
+- `prefill(ids, images=..., ...)` and `decode(tokens, ...)`: the decoder over a KV cache view, slots passed
+  per call (`CacheSlots`), with a family-owned per-row state: `prefill` returns it, `decode` reads it.
+  IDEFICS keeps its cross-attention keys/values, image mask and gates there; LLaVA has none;
+- `row_store(max_batch)`: the engine's padded store of that state over its rows (join, move, view).
+
+`DecoderSession` is the `generate` side: a batch of prompts run once, then one token per row per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from vlmkit.modules import CacheSlots
+
+
+@dataclass
+class ImageItem:
+    """One picture of a request."""
+
+    pixels: torch.Tensor  # (C, H, W), preprocessed
+    key: str  # SHA-256 of the pixels (and metadata): the feature cache's key
+    positions: list[int]  # the prompt tokens whose keys/values depend on this picture
+    meta: dict[str, Any] = field(default_factory=dict)  # per-picture metadata (sizes, ...)
+
+
+@dataclass
+class PromptPlan:
+    """One request's prompt as its family reads it."""
+
+    ids: torch.Tensor  # (1, L)
+    items: list[ImageItem]
+    decode_items: list[int]  # the pictures every generated token depends on (IDEFICS: the last token's)
+    extra: dict[str, Any] = field(default_factory=dict)  # family inputs its prefill needs again
+
+
+def content_key(pixels: torch.Tensor, meta: dict[str, Any] | None = None) -> str:
+    """SHA-256 of preprocessed pixels (and their metadata): equal pictures share features."""
+    h = hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes())
+    if meta:
+        h.update(repr(sorted(meta.items())).encode())
+    return h.hexdigest()
+
+
+class RowState(Protocol):
+    """A family's per-row decoding state for a batch of rows."""
+
+    def select(self, index: torch.Tensor) -> RowState:
+        """Rows `index` (repeats allowed): beams, several return sequences."""
+
+
+class RowStore(Protocol):
+    """A family's per-row state over the engine's `max_batch` rows."""
+
+    def join(self, first: int, n: int, state: RowState | None) -> None:
+        """Rows first..first+n-1 take `state` (one row's), or none."""
+
+    def move(self, old: int, new: int) -> None:
+        """Row `old` moves to row `new` (compaction)."""
+
+    def view(self, n: int) -> RowState | None:
+        """The state of rows 0..n-1 for one decode step."""
+
+
+class NoRowStore:
+    """The store of a family that keeps no per-row state."""
+
+    def join(self, first: int, n: int, state: RowState | None) -> None:
+        if state is not None:
+            raise ValueError("this family keeps no per-row state")
+
+    def move(self, old: int, new: int) -> None:
+        return None
+
+    def view(self, n: int) -> RowState | None:
+        return None
+
+
+class Runner(Protocol):
+    """What `generate` and the engine call on a model."""
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The LLaMA decoder (layers with `self_attn`, `setup_cache`, `clear_cache`)."""
+
+    def plan(self, inputs: dict[str, torch.Tensor]) -> PromptPlan: ...
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def prompt_images(self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]) -> Any: ...
+
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        *,
+        images: Any,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        at: CacheSlots,
+        kv_caches: dict[nn.Module, Any] | None = None,
+    ) -> tuple[torch.Tensor, RowState | None]: ...
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        at: CacheSlots,
+        kv_caches: dict[nn.Module, Any] | None = None,
+        state: RowState | None = None,
+    ) -> torch.Tensor: ...
+
+    def row_store(self, max_batch: int) -> RowStore: ...
+
+
+class RunnerMixin:
+    """The parts of `Runner` every family shares: a family gives `decoder`, `head`, `plan`, `encode`,
+    `prompt_images` and `prefill`, and overrides `row_store` when it keeps per-row state."""
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        at: CacheSlots,
+        kv_caches: dict[nn.Module, Any] | None = None,
+        state: RowState | None = None,
+    ) -> torch.Tensor:
+        """tokens (n, 1) through the cached decoder -> next-token logits (n, V)."""
+        decoder = self.decoder
+        hidden = decoder(
+            decoder.embed_tokens(tokens),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            at=at,
+            kv_caches=kv_caches,
+            state=state,
+        )
+        return self.head(hidden[:, -1])
+
+    def row_store(self, max_batch: int) -> RowStore:
+        return NoRowStore()
+
+
+def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions of the prompt as the reference's generate makes them: count of real tokens so far,
+    padding at 0."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
+class DecoderSession:
+    """A batch of prompts run once into a preallocated cache, then one token per row per step: an attention
+    mask that grows one slot per step, rotary positions that continue from the prompt's, and row selection
+    over the cache and the family's row state. `images` is called once, at prefill, for the family's image
+    inputs (so validation happens before, and the vision tower runs once)."""
+
+    def __init__(
+        self,
+        model: Runner,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        max_new_tokens: int,
+        images: Callable[[], Any],
+    ) -> None:
+        B, T = input_ids.shape
+        self.model, self.images = model, images
+        self.input_ids = input_ids
+        self.t = T
+        self.mask = torch.zeros(B, T + max_new_tokens, dtype=torch.long, device=input_ids.device)
+        self.mask[:, :T] = 1 if attention_mask is None else attention_mask
+        self.positions = generation_positions(self.mask[:, :T])  # (B, T)
+        self.next_pos = self.positions[:, -1:] + 1  # (B, 1)
+        self.state: RowState | None = None
+
+    def prefill(self) -> torch.Tensor:
+        """Run the prompt (and its images) into the cache; return the last position's logits (B, V)."""
+        images, self.images = self.images(), None
+        B, T = self.input_ids.shape
+        self.model.decoder.setup_cache(B, self.mask.shape[1])
+        logits, self.state = self.model.prefill(
+            self.input_ids,
+            images=images,
+            attention_mask=self.mask[:, :T],
+            position_ids=self.positions,
+            at=CacheSlots(torch.arange(T, device=self.input_ids.device), key_len=T),
+        )
+        return logits
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,); return the next logits (B, V)."""
+        t = self.t
+        self.mask[:, t] = 1
+        logits = self.model.decode(
+            tokens[:, None],
+            attention_mask=self.mask[:, : t + 1],
+            position_ids=self.next_pos,
+            at=CacheSlots(torch.tensor([t], device=tokens.device), key_len=t + 1),
+            state=self.state,
+        )
+        self.t += 1
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (and repeat) rows `index`."""
+        self.mask = self.mask.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+        for layer in self.model.decoder.layers:
+            layer.self_attn.kv_cache.select_rows(index)
+        if self.state is not None:
+            self.state = self.state.select(index)
+
+    def expand(self, n: int) -> None:
+        """Repeat every row n times in place (beams, several return sequences)."""
+        rows = torch.arange(self.mask.shape[0], device=self.mask.device)
+        self.select(rows.repeat_interleave(n))
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search)."""
+        self.select(index)
+
+    def close(self) -> None:
+        """Free the cache."""
+        self.model.decoder.clear_cache()

@@ -1,0 +1,263 @@
+"""The engine's caches: every row's keys/values in one tensor, the prefix cache of prompt (and answer)
+blocks with its block hashing, and the feature cache of pictures.
+
+- `RowKVCache`: one layer's view of the row cache; rows of any length write at their own slots, passed per
+  call (`CacheSlots.row` for a prompt, `CacheSlots.slots` for a decode step).
+- `PrefixCache`: keys/values of whole blocks, keyed by a hash chained over the tokens and the pictures up to
+  each block; a prompt that starts like an earlier one copies those blocks and runs only the rest.
+- `FeatureCache`: per-picture features keyed by the picture's content hash.
+- `CacheManager`: the three together, planning a prompt (hashes, cached start, pictures still needed) from
+  what the runner says each picture affects, and moving rows and blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlmkit.modules import CacheSlots
+from vlmkit.runner import PromptPlan, Runner
+
+
+class RowKVCache(torch.nn.Module):
+    """A KV cache (B, Hkv, S, D) whose rows write at their own slots."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, at: CacheSlots) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prompt (1, Hkv, T, D) goes into row `at.row` at `at.input_pos`; a decode step (n, Hkv, 1, D)
+        into rows 0..n-1, each at its own slot `at.slots[i]`."""
+        r = at.row
+        if r is not None:
+            self.k[r].index_copy_(1, at.input_pos, k[0])
+            self.v[r].index_copy_(1, at.input_pos, v[0])
+            return self.k[r : r + 1, :, : at.key_len], self.v[r : r + 1, :, : at.key_len]
+        if at.slots is None:
+            raise ValueError("a row-wise cache needs the row of a prompt or the slots of a decode step")
+        n = k.shape[0]
+        rows = torch.arange(n, device=k.device)
+        self.k[rows, :, at.slots] = k[:, :, 0]
+        self.v[rows, :, at.slots] = v[:, :, 0]
+        return self.k[:n, :, : at.key_len], self.v[:n, :, : at.key_len]
+
+
+class FeatureCache:
+    """LRU of per-picture features keyed by the picture's content hash."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self.items.get(key)
+        if value is not None:
+            self.items.move_to_end(key)
+            self.hits += 1
+        else:
+            self.misses += 1
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        if self.size <= 0:
+            return
+        self.items[key] = value
+        self.items.move_to_end(key)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+class PrefixCache:
+    """Keys/values of whole blocks of `block` tokens, for every layer at once (layers, 2, Hkv, block, D),
+    keyed by a hash chained over everything up to the block's end: the token ids and, where a block holds
+    tokens that depend on a picture, the picture (`marks`). A block is reusable exactly when its hash
+    matches, because its keys/values depend on nothing else. LRU within `capacity` blocks; a hit refreshes
+    its chain from the end back to the start, so chains are evicted from their deep end first."""
+
+    def __init__(self, capacity: int, block: int) -> None:
+        if block < 1:
+            raise ValueError(f"the prefix-cache block must be at least 1 token, got {block}")
+        self.capacity, self.block = capacity, block
+        self.items: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.hit_tokens = 0  # prompt tokens not run because their blocks were cached
+
+    def hashes(self, ids: list[int], marks: dict[int, bytes]) -> list[bytes]:
+        """One hash per whole block of `ids`; marks[b]: what else block b's keys/values depend on."""
+        out, h = [], b""
+        for b in range(len(ids) // self.block):
+            chunk = ids[b * self.block : (b + 1) * self.block]
+            h = hashlib.sha256(
+                h + b"".join(i.to_bytes(8, "little", signed=True) for i in chunk) + marks.get(b, b"")
+            )
+            h = h.digest()
+            out.append(h)
+        return out
+
+    def mark(self, marks: dict[int, bytes], t: int, key: str) -> None:
+        """Note that token t's keys/values depend on the picture `key`."""
+        b = t // self.block
+        marks[b] = marks.get(b, b"") + t.to_bytes(4, "little") + key.encode()
+
+    def match(self, hashes: list[bytes]) -> list[torch.Tensor]:
+        """The cached blocks of the longest cached start of `hashes`."""
+        found = []
+        for h in hashes:
+            block = self.items.get(h)
+            if block is None:
+                break
+            found.append(block)
+        for h in reversed(hashes[: len(found)]):
+            self.items.move_to_end(h)
+        return found
+
+    def put(self, hashes: list[bytes], blocks: Callable[[int], torch.Tensor]) -> None:
+        """Keep the blocks of `hashes` not kept yet; blocks(b) gives block b's keys/values."""
+        if self.capacity <= 0:
+            return
+        for b in reversed(range(len(hashes))):
+            h = hashes[b]
+            if h in self.items:
+                self.items.move_to_end(h)
+            else:
+                self.items[h] = blocks(b).clone()
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+
+@dataclass
+class Prompt:
+    """A joining request's prompt as planned: the runner's plan, which pictures the part after the cached
+    blocks still needs, its block hashes (and marks) and the cached blocks it starts with."""
+
+    plan: PromptPlan
+    needed: list[bool]
+    marks: dict[int, bytes]
+    hashes: list[bytes]
+    reused: list[torch.Tensor]
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.plan.ids
+
+
+class CacheManager:
+    """The row KV cache (one tensor (layers, 2, max_batch, Hkv, max_seq_len, D), so a row's whole cache or a
+    block of it moves in one copy), the prefix cache and the feature cache of one engine."""
+
+    def __init__(
+        self,
+        model: Runner,
+        *,
+        max_batch: int,
+        max_seq_len: int,
+        feature_cache: int,
+        prefix_cache_mb: float,
+        prefix_block: int,
+    ) -> None:
+        self.model = model
+        w = next(model.parameters())
+        attn = [layer.self_attn for layer in model.decoder.layers]
+        shapes = {(a.n_kv_heads, a.head_dim) for a in attn}
+        if len(shapes) != 1:
+            raise ValueError(f"the engine needs one key/value shape in every layer, got {sorted(shapes)}")
+        ((heads, dim),) = shapes
+        self.kv = torch.zeros(
+            len(attn), 2, max_batch, heads, max_seq_len, dim, dtype=w.dtype, device=w.device
+        )
+        caches = [RowKVCache(self.kv[i, 0], self.kv[i, 1]) for i in range(len(attn))]
+        # passed to every forward (kv_caches): the layers' own kv_cache stays free for a generate beside us
+        self.map: dict[torch.nn.Module, Any] = dict(zip(attn, caches, strict=True))
+        self.device = w.device
+        block_bytes = len(attn) * 2 * heads * prefix_block * dim * self.kv.element_size()
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20 // block_bytes), prefix_block)
+        self.features = FeatureCache(feature_cache)
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def plan(self, plan: PromptPlan) -> Prompt:
+        """Hash the prompt's blocks (with the pictures each token depends on), find the cached start of it
+        (at least one token runs), and mark the pictures that the rest still needs."""
+        marks: dict[int, bytes] = {}
+        for item in plan.items:
+            for t in item.positions:
+                self.prefix.mark(marks, t, item.key)
+        tokens = plan.ids[0].tolist()
+        hashes = self.prefix.hashes(tokens, marks)
+        reused = self.prefix.match(hashes)[: (len(tokens) - 1) // self.prefix.block]
+        start = len(reused) * self.prefix.block
+        needed = [any(t >= start for t in item.positions) for item in plan.items]
+        return Prompt(plan, needed, marks, hashes, reused)
+
+    def row_hashes(self, prompt: Prompt, sequence: list[int]) -> list[bytes]:
+        """Block hashes of a row's cache: its prompt, then the answer tokens run so far (which depend on the
+        plan's `decode_items`)."""
+        marks = dict(prompt.marks)
+        items = prompt.plan.items
+        for t in range(prompt.ids.shape[1], len(sequence)):
+            for n in prompt.plan.decode_items:
+                self.prefix.mark(marks, t, items[n].key)
+        return self.prefix.hashes(sequence, marks)
+
+    def encode_needed(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+        """Features of every picture some joining prompt still needs: from the cache, or computed for all of
+        them in one call of the runner's `encode`."""
+        found: dict[str, torch.Tensor] = {}
+        todo: dict[str, torch.Tensor] = {}
+        for prompt in prompts:
+            for item, need in zip(prompt.plan.items, prompt.needed, strict=True):
+                if not need or item.key in found or item.key in todo:
+                    continue
+                hit = self.features.get(item.key)
+                if hit is not None:
+                    found[item.key] = hit
+                else:
+                    todo[item.key] = item.pixels
+        if todo:
+            computed = self.model.encode(torch.stack(list(todo.values())))
+            for key, f in zip(todo, computed, strict=True):
+                self.features.put(key, f)
+                found[key] = f
+        return found
+
+    @staticmethod
+    def needed_features(prompt: Prompt, features: dict[str, torch.Tensor]) -> list[torch.Tensor | None]:
+        """Per picture of the prompt: its features if the part still to run needs them, else None."""
+        return [
+            features[item.key] if need else None
+            for item, need in zip(prompt.plan.items, prompt.needed, strict=True)
+        ]
+
+    # -- rows and blocks ------------------------------------------------------------------------
+
+    def load_prefix(self, row: int, prompt: Prompt) -> int:
+        """Copy the prompt's cached blocks (re-matched: more may be kept since the plan) into `row`;
+        return how many tokens they cover."""
+        block = self.prefix.block
+        again = self.prefix.match(prompt.hashes)[: (prompt.ids.shape[1] - 1) // block]
+        if len(again) > len(prompt.reused):
+            prompt.reused = again
+        start = len(prompt.reused) * block
+        if start:
+            self.kv[:, :, row, :, :start] = torch.cat(prompt.reused, dim=3)
+        prompt.reused = []  # the row holds them now; let the cache alone decide their lifetime
+        return start
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]
+
+    def keep(self, row: int, hashes: list[bytes]) -> None:
+        """Give the prefix cache the blocks of cache row `row` that `hashes` name."""
+        block = self.prefix.block
+        self.prefix.put(hashes, lambda b: self.kv[:, :, row, :, b * block : (b + 1) * block])

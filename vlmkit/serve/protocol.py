@@ -1,0 +1,202 @@
+"""The OpenAI API as vlmkit speaks it: request schemas (extra fields ignored), error bodies, the shape of
+responses and stream chunks, and OpenAI messages turned into the processor's (images loaded, visual
+prompts drawn). No HTTP here: `vlmkit.serve.server` routes requests through these."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vlmkit.serve.config import ServerConfig
+from vlmkit.serve.engine import Request as EngineRequest
+from vlmkit.serve.engine import SamplingParams
+from vlmkit.serve.errors import EngineError
+
+
+class APIError(Exception):
+    """An error answered the OpenAI way: HTTP `status` and {"error": {message, type, param, code}}."""
+
+    def __init__(
+        self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+    @classmethod
+    def of(cls, error: EngineError, message: str | None = None) -> APIError:
+        """The answer to an engine error: its status and type come from its kind, never its message."""
+        return cls(error.status, message or str(error) or error.type, error.type)
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# -- request schemas (OpenAI's, with extra fields ignored) ------------------------------------------
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    url: str
+    visual_prompts: list[dict[str, Any]] | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | None = None
+    visual_prompts: list[dict[str, Any]] | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)  # vLLM's extension; 0: off
+    repetition_penalty: float = Field(default=1.0, gt=0)  # vLLM's extension; 1: off
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+
+    def params(self, max_tokens_default: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_completion_tokens or self.max_tokens or max_tokens_default,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            seed=self.seed,
+            n=self.n,
+        )
+
+
+class ChatRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """What every piece of one response carries: its id (chatcmpl-... or cmpl-...), model and time."""
+
+    chat: bool
+    model: str
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+    def head(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def body(self, texts: list[str], reasons: list[str], job: EngineRequest) -> dict[str, Any]:
+        """The whole response: a choice per text, and the token counts."""
+        choices = [
+            {
+                "index": i,
+                **({"message": {"role": "assistant", "content": t}} if self.chat else {"text": t}),
+                "finish_reason": r,
+                "logprobs": None,
+            }
+            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+        ]
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self.head(kind), "choices": choices, "usage": usage(job)}
+
+    def chunk(self, index: int, text: str | None, reason: str | None, *, role: bool = False) -> str:
+        """One server-sent event of a stream; `role` opens a chat choice."""
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            content: dict[str, Any] = {"delta": delta}
+        else:
+            content = {"text": text or ""}
+        choice = {"index": index, **content, "finish_reason": reason, "logprobs": None}
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return f"data: {json.dumps({**self.head(kind), 'choices': [choice]})}\n\n"
+
+
+def usage(job: EngineRequest) -> dict[str, Any]:
+    return {
+        "prompt_tokens": job.prompt_tokens,
+        "completion_tokens": job.completion_tokens,
+        "total_tokens": job.prompt_tokens + job.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": job.cached_tokens},
+    }
+
+
+# -- messages -----------------------------------------------------------------------------------
+
+
+def convert_messages(messages: list[Message], config: ServerConfig, max_images: int) -> list[dict[str, Any]]:
+    """OpenAI messages -> the processor's: images loaded (data: URIs; http(s) only when allowed), visual
+    prompts drawn, at most `max_images` of them."""
+    out: list[dict[str, Any]] = []
+    n_images = 0
+    for i, m in enumerate(messages):
+        if isinstance(m.content, str):
+            out.append({"role": m.role, "content": [{"type": "text", "text": m.content}]})
+            continue
+        parts: list[dict[str, Any]] = []
+        for j, part in enumerate(m.content):
+            where = f"messages[{i}].content[{j}]"
+            if part.type == "text":
+                if part.text is None:
+                    raise APIError(400, f"{where}: a text part needs 'text'", param=where)
+                parts.append({"type": "text", "text": part.text})
+                continue
+            n_images += 1
+            if n_images > max_images:
+                raise APIError(400, f"more than {max_images} images in one request", param=where)
+            parts.append({"type": "image", "image": part_image(part, where, config)})
+        out.append({"role": m.role, "content": parts})
+    return out
+
+
+def part_image(part: ContentPart, where: str, config: ServerConfig) -> Any:
+    """The picture of an image_url part, with its visual prompts drawn; every refusal is a 400."""
+    from vlmkit.images import load_image
+    from vlmkit.visual_prompts import draw_visual_prompts
+
+    if part.image_url is None:
+        raise APIError(400, f"{where}: an image_url part needs 'image_url': {{'url': ...}}", param=where)
+    url = part.image_url.url
+    remote = url[:8].lower().startswith(("http://", "https://"))
+    if not (url.startswith("data:") or (remote and config.allow_remote_images)):
+        why = (
+            "remote images are off on this server (start it with --allow-remote-images)"
+            if remote
+            else "only data: URIs (or http(s) URLs when allowed) are accepted, never local paths"
+        )
+        raise APIError(400, f"{where}: {why}", param=where)
+    try:
+        image = load_image(url, allow_remote=config.allow_remote_images, max_pixels=config.max_image_pixels)
+        prompts = (part.image_url.visual_prompts or []) + (part.visual_prompts or [])
+        return draw_visual_prompts(image, prompts) if prompts else image
+    except (ValueError, TypeError, OSError) as e:
+        raise APIError(400, f"{where}: {e}", param=where) from None

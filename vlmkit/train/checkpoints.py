@@ -1,0 +1,109 @@
+"""Training checkpoints that survive a kill: weights (or a peft adapter), optimizer, scheduler, RNG state and
+data position, with the processor files beside them, written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlmkit.weights import read_tensors, weight_files
+
+PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+
+def save_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+    processor_dir: Path | None,
+) -> None:
+    """Write weights (safetensors, or a peft adapter), optimizer/scheduler/RNG/data position, and the
+    processor files into a temporary folder, fsync, then rename it into place: a kill at any moment leaves
+    either the previous checkpoint or this one, never half of one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        model.save_pretrained(tmp)
+        copy_processor_files(processor_dir, tmp)
+        trainer = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            **state,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        torch.save(trainer, tmp / "trainer_state.pt")
+        for path in tmp.iterdir():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_processor_files(src: Path | None, dst: Path) -> None:
+    if src is None:
+        return
+    for name in PROCESSOR_FILES:
+        if (src / name).is_file():
+            shutil.copy(src / name, dst / name)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = sorted(
+        (int(p.name.split("-")[1]), p)
+        for p in output_dir.glob("checkpoint-*")
+        if p.name.split("-")[1].isdigit() and (p / "trainer_state.pt").is_file()
+    )
+    return found[-1][1] if found else None
+
+
+def restore_checkpoint(
+    ckpt: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    *,
+    lora: bool,
+    device: torch.device,
+) -> tuple[int, list[float]]:
+    """Load what `save_checkpoint` wrote back into the model (the adapter with lora), optimizer, scheduler
+    and RNGs; returns the step and the losses so far."""
+    state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=True)
+    if lora:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")))
+    else:
+        tensors = read_tensors(weight_files(ckpt))
+        own = model.state_dict()
+        with torch.no_grad():
+            for name, ref in tensors.items():
+                if name in own:
+                    own[name].copy_(ref.load(device=device))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"].cpu())
+    random.setstate(state["rng"]["python"])
+    return int(state["step"]), list(state["losses"])
