@@ -11,6 +11,7 @@ from PIL import Image
 
 import vlmkit
 from vlmkit.serve.engine import Engine, PrefixCache, QueueFull, Request, SamplingParams
+from vlmkit.serve.errors import InvalidRequest
 from vlmkit.vipllava.model import VipLlavaModel
 
 
@@ -247,4 +248,25 @@ def test_a_malformed_request_fails_alone(vlm):
         engine.stop(10)
     assert "".join(e.text for e in events["good"]) == want
     (end,) = [e for e in events["bad"] if e.finish_reason]
-    assert end.finish_reason == "error" and end.error
+    assert end.finish_reason == "error" and isinstance(end.error, InvalidRequest) and end.error.status == 400
+
+
+def test_a_request_past_its_deadline_ends_with_a_timeout(vlm):
+    """The deadline is checked at every step; the request ends with a typed timeout (408 on the server)."""
+    import time
+
+    from vlmkit.serve.errors import RequestTimeout
+
+    inputs = vlm.inputs("What is this?", [picture(12)])  # the random model answers it at full length
+    events = []
+    engine = Engine(vlm.model, vlm.tokenizer, max_batch=2, max_seq_len=128).start()
+    try:
+        r = Request(
+            inputs=inputs, params=SamplingParams(max_tokens=7), emit=events.append, deadline=time.monotonic()
+        )
+        engine.submit(r)
+        assert r.done.wait(60)
+    finally:
+        engine.stop(10)
+    end = events[-1]
+    assert end.finish_reason == "error" and isinstance(end.error, RequestTimeout) and end.error.status == 408

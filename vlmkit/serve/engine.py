@@ -321,8 +321,8 @@ class Engine:
         if error is not None and not isinstance(error, EngineError):
             kind = InvalidRequest if isinstance(error, ValueError) else EngineFailure
             error = kind(str(error))
-        if error is not None:
-            log.warning("request %s failed: %s", request.id or "-", error)
+        if isinstance(error, EngineFailure):  # a client's own mistakes are the caller's to report
+            log.error("request %s failed: %s", request.id or "-", error)
         for j in range(request.params.n):
             request.emit(Event(j, finish_reason=reason, error=error))
         request.done.set()

@@ -6,7 +6,8 @@ Routes: POST /v1/chat/completions and /v1/completions (streamed as server-sent e
 GET /v1/models, /health, /metrics (Prometheus text) and / (a page to chat and draw visual prompts).
 Images arrive as `image_url` parts with `data:` URIs (http(s) only with allow_remote_images; local paths
 never); an image part may carry `"visual_prompts": [...]` (the `draw_visual_prompts` specs), drawn here.
-The OpenAI side (schemas, bodies, messages) is `vlmkit.serve.protocol`. The app keeps what its handlers share on `app.state`: vlm, engine, config, metrics, model_name.
+The OpenAI side (schemas, bodies, messages) is `vlmkit.serve.protocol`. The app keeps what its handlers
+share on `app.state`: vlm, engine, config, metrics, model_name.
 """
 
 from __future__ import annotations
