@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlmkit.images import DEFAULT_MAX_PIXELS, ImageProcessor, load_image
+from vlmkit.image_processor import ImageProcessor
+from vlmkit.images import DEFAULT_MAX_PIXELS, load_image
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,7 +11,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from vlmkit.images import DEFAULT_MAX_PIXELS, ImageProcessor
+from vlmkit.image_processor import ImageProcessor
+from vlmkit.images import DEFAULT_MAX_PIXELS
 from vlmkit.processing import read_processor_files, split_messages
 from vlmkit.tokenizer import Tokenizer
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from vlmkit.images import DEFAULT_MAX_PIXELS, ImageInput, ImageProcessor
+from vlmkit.image_processor import ImageProcessor
+from vlmkit.images import DEFAULT_MAX_PIXELS, ImageInput
 from vlmkit.processing import read_processor_files, split_messages
 from vlmkit.tokenizer import Tokenizer
 
