@@ -96,11 +96,16 @@ class Runner(Protocol):
     def decoder(self) -> nn.Module:
         """The LLaMA decoder (layers with `self_attn`, `setup_cache`, `clear_cache`)."""
 
-    def plan(self, inputs: dict[str, torch.Tensor]) -> PromptPlan: ...
+    def plan(self, inputs: dict[str, torch.Tensor]) -> PromptPlan:
+        """One request's processor outputs (batch of 1) -> its ids and pictures; raises ValueError on inputs
+        that do not fit together (image tokens against pictures, masks against ids)."""
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pictures (K, C, H, W) -> per-picture features (K, ...), each independent of the others."""
 
-    def prompt_images(self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]) -> Any: ...
+    def prompt_images(self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]) -> Any:
+        """What `prefill` of the plan's tokens from `start` on needs of its pictures, in the family's own
+        form; `features` has one entry per picture, None where no token from `start` on depends on it."""
 
     def prefill(
         self,
@@ -111,7 +116,9 @@ class Runner(Protocol):
         position_ids: torch.Tensor,
         at: CacheSlots,
         kv_caches: dict[nn.Module, Any] | None = None,
-    ) -> tuple[torch.Tensor, RowState | None]: ...
+    ) -> tuple[torch.Tensor, RowState | None]:
+        """Prompt tokens (B, T) with `images` into the cache at `at` -> the last position's logits (B, V)
+        and the rows' state for the decode steps (None: the family keeps none)."""
 
     def decode(
         self,
@@ -122,9 +129,11 @@ class Runner(Protocol):
         at: CacheSlots,
         kv_caches: dict[nn.Module, Any] | None = None,
         state: RowState | None = None,
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """One token per row (n, 1) through the cache at `at` -> next-token logits (n, V)."""
 
-    def row_store(self, max_batch: int) -> RowStore: ...
+    def row_store(self, max_batch: int) -> RowStore:
+        """An empty store of the family's row state for `max_batch` rows."""
 
 
 class RunnerMixin:

@@ -83,6 +83,7 @@ class Request:
     emit: Callable[[Event], None]
     deadline: float | None = None  # time.monotonic() after which the request is cut off
     id: str = ""  # the caller's request id, for logs
+    config: GenerationConfig | None = None  # `params` as generate's settings, set by Engine.submit
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -148,7 +149,7 @@ class Engine:
         """Queue a request; raises InvalidRequest (bad settings, too long) or QueueFull."""
         if self._stop.is_set():
             raise QueueFull("the server is shutting down")
-        self.generation_config(request.params)  # invalid settings raise here, before queueing
+        request.config = self.generation_config(request.params)  # invalid settings raise here, not later
         request.prompt_tokens = int(request.inputs["input_ids"].shape[1])
         limit = self.config.max_seq_len
         if request.prompt_tokens + request.params.max_tokens > limit:
@@ -243,7 +244,7 @@ class Engine:
 
     def _start_rows(self, request: Request, prompt: Prompt, features: dict[str, torch.Tensor]) -> None:
         logits = self._run_prompt(request, prompt, features)
-        config = self.generation_config(request.params)
+        config = request.config
         request.open_rows = request.params.n
         seed = request.params.seed
         for j in range(request.params.n):
