@@ -21,6 +21,9 @@ def bench_command(
     repeats: int = 3,
     dtype: str | None = None,
     device: str | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    quantize_parts: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Load time, time to first token, decode speed and peak memory of greedy generation: `batch_size`
     copies of one prompt and image, exactly `new_tokens` new tokens each, the median of `repeats` runs."""
@@ -36,7 +39,15 @@ def bench_command(
             f"need batch_size >= 1, new_tokens >= 2 and repeats >= 1, got {batch_size}, {new_tokens}, {repeats}"
         )
     start = time.perf_counter()
-    vlm = VLM.load(model, dtype=dtype, device=device, progress=True)
+    vlm = VLM.load(
+        model,
+        dtype=dtype,
+        device=device,
+        progress=True,
+        quantize=quantize,
+        group_size=group_size,
+        quantize_parts=quantize_parts,
+    )
     load_s = time.perf_counter() - start
     one = vlm.inputs(prompt, [picture(image)])
     inputs = {k: v.repeat(batch_size, *([1] * (v.dim() - 1))) for k, v in one.items()}
@@ -47,6 +58,7 @@ def bench_command(
         "model_type": vlm.model.config.to_hf()["model_type"],
         "parameters": sum(p.numel() for p in vlm.model.parameters()),
         "dtype": str(next(vlm.model.parameters()).dtype).removeprefix("torch."),
+        "quantization": vlm.model.quantization.describe() if vlm.model.quantization else None,
         "device": str(vlm.device),
         "batch_size": batch_size,
         "prompt_tokens": int(one["input_ids"].shape[1]),

@@ -81,6 +81,38 @@ def merge_lora_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def quantize_arguments(p: argparse.ArgumentParser) -> None:
+    from vlmkit.quant import DEFAULT_GROUP_SIZE, GROUP_SIZES
+
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="weight-only quantization of the language model's linear layers and LM head, done at load",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        help=f"int4: inputs per scale and zero (default {DEFAULT_GROUP_SIZE})",
+    )
+    p.add_argument(
+        "--quantize-parts",
+        nargs="+",
+        choices=("vision", "projector"),
+        default=[],
+        help="quantize these too (the vision tower, the projector / resampler)",
+    )
+
+
+def quantization(args: argparse.Namespace) -> dict[str, Any]:
+    """The `quantize_arguments` as keyword arguments of `load_model` / `VLM.load`."""
+    return {
+        "quantize": args.quantize,
+        "group_size": args.group_size,
+        "quantize_parts": tuple(args.quantize_parts),
+    }
+
+
 def sampling_arguments(p: argparse.ArgumentParser) -> None:
     from vlmkit.generation import DEFAULT_MAX_NEW_TOKENS
 
@@ -97,6 +129,7 @@ def sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="for sampling")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: the checkpoint's)")
     p.add_argument("--device", default=None)
+    quantize_arguments(p)
 
 
 def sampling(args: argparse.Namespace) -> dict:
@@ -135,6 +168,9 @@ def generate_command(
     dtype: str | None = None,
     device: str | None = None,
     raw: bool = False,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    quantize_parts: Sequence[str] = (),
     **settings: Any,
 ) -> str:
     """The answer of `model` to `prompt` about `images` (visual prompts drawn on the first image): one user
@@ -143,7 +179,15 @@ def generate_command(
     from vlmkit.vlm import VLM, user_turn
 
     pictures = prompted_images(images, visual_prompts)
-    vlm = VLM.load(model, dtype=dtype, device=device, progress=True)
+    vlm = VLM.load(
+        model,
+        dtype=dtype,
+        device=device,
+        progress=True,
+        quantize=quantize,
+        group_size=group_size,
+        quantize_parts=quantize_parts,
+    )
     if raw:
         return vlm.generate(prompt, images=pictures, **settings)
     return vlm.chat([user_turn(prompt, pictures)], **settings)
@@ -175,6 +219,7 @@ def generate_parser(sub: argparse._SubParsersAction) -> None:
                 dtype=args.dtype,
                 device=args.device,
                 raw=args.raw,
+                **quantization(args),
                 **sampling(args),
             ).strip()
         )
@@ -237,7 +282,7 @@ def chat_parser(sub: argparse._SubParsersAction) -> None:
         from vlmkit.vlm import VLM
 
         chat_loop(
-            VLM.load(args.model, dtype=args.dtype, device=args.device, progress=True),
+            VLM.load(args.model, dtype=args.dtype, device=args.device, progress=True, **quantization(args)),
             sampling(args),
             sys.stdin,
             sys.stdout,
@@ -247,14 +292,33 @@ def chat_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def info_command(model: str) -> dict[str, Any]:
-    """Family, parameter counts per part, dtype and files of a checkpoint."""
-    from vlmkit.models import load_model, resolve_model
+def info_command(
+    model: str,
+    *,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    quantize_parts: Sequence[str] = (),
+    batch_size: int = 1,
+    length: int | None = None,
+) -> dict[str, Any]:
+    """Family, parameter counts per part, dtype, quantization and files of a checkpoint, and its memory plan
+    (weights and KV cache at `batch_size` rows of `length` tokens, quantized as asked), from config.json and
+    the file headers: no weight is read."""
+    from vlmkit.models import resolve_model
+    from vlmkit.plan import memory_plan, meta_model
     from vlmkit.weights import read_config
 
     folder = resolve_model(model)
     raw = read_config(folder)
-    m = load_model(folder)
+    plan = memory_plan(
+        folder,
+        quantize=quantize,
+        group_size=group_size,
+        quantize_parts=tuple(quantize_parts),
+        batch_size=batch_size,
+        length=length,
+    )
+    m, _ = meta_model(raw, str(folder / "config.json"))
     owner = m.model if hasattr(m, "model") else m
     prefix = "model." if owner is not m else ""
     parts = {
@@ -268,50 +332,95 @@ def info_command(model: str) -> dict[str, Any]:
         "model_type": raw["model_type"],
         "parameters": sum(p.numel() for p in m.parameters()),
         "parts": parts,
-        "dtype": str(next(m.parameters()).dtype).removeprefix("torch."),
+        "dtype": plan.dtype,
+        "quantization": plan.quantization,
+        "memory": plan.as_dict(),
         "folder": str(folder),
         "files": sorted(p.name for p in folder.iterdir() if p.is_file()),
     }
 
 
 def info_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="family, parameter counts, dtype and files of a checkpoint")
+    p = sub.add_parser(
+        "info",
+        help="family, parameter counts, dtype, files and the memory a checkpoint needs (reads no weights)",
+    )
     p.add_argument("model")
+    quantize_arguments(p)
+    p.add_argument("--batch-size", type=int, default=1, help="rows for the KV-cache estimate")
+    p.add_argument("--length", type=int, help="tokens per row (default: the model's max_position_embeddings)")
 
     def run(args: argparse.Namespace) -> int:
-        info = info_command(args.model)
+        info = info_command(args.model, batch_size=args.batch_size, length=args.length, **quantization(args))
+        mem = info["memory"]
         print(
             f"{info['folder']}\n  family: {info['model_type']}\n  dtype: {info['dtype']}\n"
-            f"  parameters: {info['parameters']:,}"
+            f"  quantization: {info['quantization'] or 'none'}\n  parameters: {info['parameters']:,}"
         )
         for name, n in info["parts"].items():
             print(f"    {name}: {n:,}")
+        print(f"  memory ({mem['quantization'] or mem['dtype']}):")
+        for name, n in mem["parts"].items():
+            print(f"    {name}: {n / 1e9:.2f} GB")
+        print(
+            f"    weights {mem['weight_bytes'] / 1e9:.2f} GB + KV cache {mem['kv_cache_bytes'] / 1e9:.2f} GB "
+            f"(batch {mem['batch_size']} x {mem['length']} tokens) = {mem['total_bytes'] / 1e9:.2f} GB"
+        )
         print("  files: " + ", ".join(info["files"]))
         return 0
 
     p.set_defaults(run=run)
 
 
-def convert_command(model: str, output_dir: str, *, dtype: str | None = None) -> str:
+def convert_command(
+    model: str,
+    output_dir: str,
+    *,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    quantize_parts: Sequence[str] = (),
+) -> str:
     """Re-save a checkpoint (any accepted layout, .bin included) as safetensors in the published layout,
-    with its processor files."""
+    with its processor files; quantize: write int8 / int4 weights (quantized one layer at a time as the
+    source is read), which `load_model` reads back as they are."""
     from vlmkit.models import load_model, resolve_model
+    from vlmkit.quant import stored_quantization
     from vlmkit.train.finetune import copy_processor_files
+    from vlmkit.weights import read_config
 
     folder = resolve_model(model)
-    load_model(folder, dtype=dtype).save_pretrained(output_dir)
+    stored = stored_quantization(read_config(folder), str(folder / "config.json"))
+    if quantize is not None and stored is not None:
+        raise ValueError(
+            f"{folder} is already quantized ({stored.describe()}); quantize the full-precision checkpoint instead"
+        )
+    loaded = load_model(
+        folder,
+        dtype=dtype,
+        quantize=quantize,
+        group_size=group_size,
+        quantize_parts=tuple(quantize_parts),
+        inference=False,
+    )
+    loaded.save_pretrained(output_dir)
     copy_processor_files(folder, Path(output_dir))
     return output_dir
 
 
 def convert_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="re-save a checkpoint as safetensors (optionally in another dtype)")
+    p = sub.add_parser(
+        "convert", help="re-save a checkpoint as safetensors (optionally in another dtype, or quantized)"
+    )
     p.add_argument("model")
     p.add_argument("output_dir")
     p.add_argument("--dtype")
+    quantize_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
-        print(f"written to {convert_command(args.model, args.output_dir, dtype=args.dtype)}")
+        print(
+            f"written to {convert_command(args.model, args.output_dir, dtype=args.dtype, **quantization(args))}"
+        )
         return 0
 
     p.set_defaults(run=run)
@@ -328,6 +437,7 @@ def bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    quantize_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
         r = bench_command(
@@ -339,12 +449,15 @@ def bench_parser(sub: argparse._SubParsersAction) -> None:
             repeats=args.repeats,
             dtype=args.dtype,
             device=args.device,
+            **quantization(args),
         )
         if args.json:
             print(json.dumps(r))
             return 0
         print(
-            f"{r['model']} ({r['model_type']}, {r['parameters']:,} parameters, {r['dtype']}, {r['device']})\n"
+            f"{r['model']} ({r['model_type']}, {r['parameters']:,} parameters, {r['dtype']}, {r['device']}"
+            + (f", {r['quantization']}" if r["quantization"] else "")
+            + ")\n"
             f"  batch {r['batch_size']}, {r['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens\n"
             f"  load {r['load_s']:.2f} s   first token {r['ttft_s'] * 1000:.1f} ms   "
             f"decode {r['decode_tok_s']:.1f} tok/s   peak RSS {r['peak_rss_gb']:.2f} GB"
@@ -369,6 +482,7 @@ def serve_parser(sub: argparse._SubParsersAction) -> None:
     add_flags(p, EngineConfig)
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    quantize_arguments(p)
 
     def run(args: argparse.Namespace) -> int:
         import logging
@@ -377,7 +491,14 @@ def serve_parser(sub: argparse._SubParsersAction) -> None:
 
         logging.basicConfig(level=logging.INFO, format="%(levelname)-9s %(name)s: %(message)s")
         engine, server = from_args(EngineConfig, args), from_args(ServerConfig, args)
-        serve(args.model, engine=engine, server=server, dtype=args.dtype, device=args.device)
+        serve(
+            args.model,
+            engine=engine,
+            server=server,
+            dtype=args.dtype,
+            device=args.device,
+            **quantization(args),
+        )
         return 0
 
     p.set_defaults(run=run)

@@ -7,8 +7,10 @@ those after loading:
   `project_gate_up`);
 - modules that project by hand (`linear_fn`) get `dense`;
 - the weights get the layout the expected batch reads fastest.
+- quantized linear layers (`vlmkit.quant.QuantLinear`, swapped in while loading) take the layout of
+  PyTorch's packed int8 / int4 CPU kernels.
 Outputs do not change, and anything that needs gradients, a wrapper such as peft's LoRA, or a re-assigned
-weight falls back to the plain path by itself. Quantized linear layers will come in through the same seam.
+weight falls back to the plain path by itself.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vlmkit.quant import QuantLinear, project
 
 SMALL_BATCH_ROWS = range(2, 65)
 
@@ -118,7 +122,9 @@ def optimize_for_cpu_inference(model: nn.Module, *, batched: bool = False) -> No
                 setattr(module, method, FusedLinears(module, names, row_major=batched))
                 fused.update(id(lin) for lin in linears)
         if hasattr(type(module), "linear_fn"):
-            module.linear_fn = dense
+            module.linear_fn = project
+        if isinstance(module, QuantLinear):
+            module.to_cpu_kernels()
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = DenseLinear

@@ -21,6 +21,7 @@ from torch import nn
 
 from vlmkit.fastpath import optimize_for_cpu_inference
 from vlmkit.modules import RMSNorm
+from vlmkit.quant import QuantConfig, QuantParts, load_quantized, parse_quantize, resolve, stored_quantization
 from vlmkit.weights import (
     KeyMap,
     checkpoint_dtype,
@@ -66,6 +67,7 @@ class Family:
     # (samples, padded length T) -> the batch's image entries ({} without images)
     collate_images: Callable[[list[Any], int], dict[str, torch.Tensor]]
     trainable: TrainableParts
+    quant_parts: QuantParts  # which modules `quantize=` may swap (language; vision and projector on request)
     stop_tokens: tuple[str, ...] = ()  # tokens besides eos that end a turn, where the tokenizer has them
     # (name, parameter, parsed config, generator) -> True when it initialised a parameter of its own
     init_parameter: Callable[[str, nn.Parameter, Any, torch.Generator], bool] | None = None
@@ -99,6 +101,11 @@ def registry() -> tuple[Family, ...]:
                 lora_scope=("language_model",),
                 vision=("vision_tower.",),
             ),
+            quant_parts=QuantParts(
+                language=("language_model",),
+                vision=("vision_tower",),
+                projector=("multi_modal_projector",),
+            ),
             builtin_names=("demo", "demo-vipllava"),
         ),
         Family(
@@ -122,6 +129,12 @@ def registry() -> tuple[Family, ...]:
                 ),
                 lora_scope=("model.layers", "model.gated_cross_attn_layers"),
                 vision=("vision_model.",),
+            ),
+            quant_parts=QuantParts(
+                language=("model.layers", "model.gated_cross_attn_layers", "lm_head"),
+                vision=("model.vision_model",),
+                projector=("model.perceiver_resampler",),
+                skip=("lm_head.additional_fc",),  # the new tokens' few rows, which train
             ),
             stop_tokens=(END_OF_UTTERANCE,),  # IDEFICS-instruct ends each turn with it
             init_parameter=idefics_policy.init_parameter,
@@ -215,27 +228,50 @@ def load_model(
     revision: str | None = None,
     progress: bool = False,
     batched: bool = False,
+    quantize: str | QuantConfig | None = None,
+    group_size: int | None = None,
+    quantize_parts: tuple[str, ...] | list[str] = (),
+    inference: bool = True,
 ) -> nn.Module:
     """Load a published (or transformers-saved, or vlmkit-saved) checkpoint, or a built-in demo model.
 
     dtype: None or "auto" is config.json's dtype, else the stored one; device: where the weights go (default CPU);
     progress: a loading bar on stderr when it is a terminal; batched: on the CPU, lay the weights out for many
     rows at a time (a server) rather than one.
+    quantize: "int8" (per output channel) or "int4" (groups of `group_size` inputs) weight-only quantization
+    of the language model's linear layers and LM head, done layer by layer as the file is read;
+    quantize_parts adds "vision" and/or "projector". A checkpoint saved quantized (`vlmkit convert
+    --quantize`) loads as it was saved. inference=False keeps the layout training reads (no CPU relayout).
     The model is built on the meta device and the tensors are assigned, so nothing is allocated twice.
 
-        >>> model = load_model("demo-idefics")
+        >>> model = load_model("demo-idefics", quantize="int8")
     """
     folder = resolve_model(path_or_repo_id, revision=revision)
     raw = read_config(folder)
     family = family_for(raw, str(folder / "config.json"))
     config = family.config_cls.from_hf(raw)
+    stored = stored_quantization(raw, str(folder / "config.json"))
+    requested = parse_quantize(quantize, group_size=group_size, parts=quantize_parts)
+    quantization = resolve(requested, stored, str(folder))
     tensors = remap_keys(read_tensors(weight_files(folder)), family.key_map, family.ignore)
     dtype = parse_dtype(dtype) or checkpoint_dtype(tensors, raw)
     with torch.device("meta"):
         model = family.model_cls(config)
+    if quantization is not None:
+        load_quantized(
+            model,
+            tensors,
+            family.quant_parts,
+            quantization,
+            quantized_file=stored is not None,
+            dtype=dtype,
+            device=device,
+            source=str(folder),
+        )
+    model.quantization = quantization  # what `save_pretrained` records in config.json
     load_weights(model, tensors, dtype=dtype, device=device, source=str(folder), progress=progress)
     del tensors  # the model holds the tensors now; relayout below must not keep a second copy alive
-    if next(model.parameters()).device.type == "cpu":
+    if inference and next(model.parameters()).device.type == "cpu":
         optimize_for_cpu_inference(model, batched=batched)
     return model.eval()
 

@@ -18,6 +18,7 @@ import torch
 
 from vlmkit.generation import DEFAULT_MAX_NEW_TOKENS
 from vlmkit.models import family_of, load_model, load_processor, stop_token_ids
+from vlmkit.quant import QuantConfig
 from vlmkit.tokenizer import IncrementalDecoder
 
 
@@ -44,10 +45,22 @@ class VLM:
         device: torch.device | str | None = None,
         progress: bool = False,
         batched: bool = False,
+        quantize: str | QuantConfig | None = None,
+        group_size: int | None = None,
+        quantize_parts: Sequence[str] = (),
     ) -> VLM:
         """A checkpoint folder, hub id or built-in demo model ("demo", "demo-idefics"); batched: the CPU weight
-        layout for many rows at a time (see `load_model`)."""
-        model = load_model(path_or_repo_id, dtype=dtype, device=device, progress=progress, batched=batched)
+        layout for many rows at a time; quantize: "int8" or "int4" weights (see `load_model`)."""
+        model = load_model(
+            path_or_repo_id,
+            dtype=dtype,
+            device=device,
+            progress=progress,
+            batched=batched,
+            quantize=quantize,
+            group_size=group_size,
+            quantize_parts=tuple(quantize_parts),
+        )
         return cls(model, load_processor(path_or_repo_id))
 
     @property

@@ -278,7 +278,8 @@ def load_weights(
     wrong-shaped tensors are reported together in one CheckpointError, before anything is read.
     progress: a bar on stderr (when it is a terminal) counting the bytes read."""
     aliases = tied_parameters(model)
-    expected = {k: v for k, v in model.state_dict().items() if k not in aliases}
+    # what is still on the meta device (quantized layers, swapped in before, are loaded already)
+    expected = {k: v for k, v in model.state_dict().items() if k not in aliases and v.is_meta}
     for alias, owner in aliases.items():  # a tied head stored explicitly is the same tensor: accept it once
         if alias in tensors and owner not in tensors:
             tensors[owner] = tensors[alias]
@@ -397,13 +398,27 @@ class SavePretrainedMixin:
     ) -> None:
         """Write safetensors + config.json that both vlmkit and transformers load back.
         storage_dtype: store floating tensors in this dtype (e.g. float16 to halve the files) while
-        config.json keeps the model's dtype, which loading with dtype "auto" restores."""
+        config.json keeps the model's dtype, which loading with dtype "auto" restores.
+        A quantized model (loaded with inference=False) is written as vlmkit's quantized checkpoint: its
+        integers, scales and zeros, and a `quantization_config` in config.json."""
+        from vlmkit.quant import quantized_state_dict
+
+        config = self.config.to_hf()  # type: ignore[attr-defined]
+        quantization = getattr(self, "quantization", None)
+        if quantization is not None:
+            if storage_dtype is not None:
+                raise ValueError("storage_dtype does not apply to a quantized model")
+            config["quantization_config"] = quantization.to_hf()
+            # transformers warns on an unknown quant_method and then loads garbage; pointing its
+            # `transformers_weights` at a file that does not exist makes it stop, naming the reason
+            config["transformers_weights"] = quantization.transformers_refusal
         save_checkpoint(
             self,
             folder,
-            self.config.to_hf(),  # type: ignore[attr-defined]
+            config,
             max_shard_bytes=max_shard_bytes,
             storage_dtype=storage_dtype,
+            state=quantized_state_dict(self) if quantization is not None else None,
         )
 
 
@@ -414,8 +429,9 @@ def save_checkpoint(
     *,
     max_shard_bytes: int = 5 * 2**30,
     storage_dtype: torch.dtype | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write config.json and the weights (one safetensors file, or shards plus an index) atomically.
+    """Write config.json and the weights (`state`, default the model's state dict) (one safetensors file, or shards plus an index) atomically.
 
     Tied aliases are left out, as transformers writes them. Keys are our module names, which are the
     published checkpoint names.
@@ -423,7 +439,8 @@ def save_checkpoint(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     aliases = tied_parameters(model)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
+    state = state if state is not None else model.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in aliases}
     dtype = checkpoint_dtype(state)
     if storage_dtype is not None:
         state = {k: v.to(storage_dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -337,8 +337,11 @@ def serve(
     server: ServerConfig | None = None,
     dtype: str | None = None,
     device: str | None = None,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    quantize_parts: Sequence[str] = (),
 ) -> None:
-    """Load `model` and serve it until SIGINT/SIGTERM; in-flight requests finish first (up to
+    """Load `model` (quantized: see `vlmkit.load_model`) and serve it until SIGINT/SIGTERM; in-flight requests finish first (up to
     `server.drain_seconds`).
 
         serve("demo", engine=EngineConfig(max_batch=8), server=ServerConfig(port=8123))
@@ -350,7 +353,16 @@ def serve(
     from vlmkit.vlm import VLM
 
     engine_config, server_config = engine or EngineConfig(), server or ServerConfig()
-    vlm = VLM.load(model, dtype=dtype, device=device, progress=True, batched=engine_config.max_batch > 1)
+    vlm = VLM.load(
+        model,
+        dtype=dtype,
+        device=device,
+        progress=True,
+        batched=engine_config.max_batch > 1,
+        quantize=quantize,
+        group_size=group_size,
+        quantize_parts=quantize_parts,
+    )
     running = Engine(vlm.model, vlm.tokenizer, engine_config).start()
     app = create_app(vlm, running, model_name=model, config=server_config)
     drain = server_config.drain_seconds
