@@ -174,7 +174,10 @@ def test_serve_flags_are_the_config_fields(monkeypatch):
         request_timeout=2.5,
     )
     quantization = dict(quantize="int4", group_size=32, quantize_parts=("vision",))
-    assert calls[-1] == ("m", dict(engine=engine, server=server, dtype="bfloat16", device="cpu", **quantization))
+    assert calls[-1] == (
+        "m",
+        dict(engine=engine, server=server, dtype="bfloat16", device="cpu", **quantization),
+    )
 
 
 def test_sampling_flags(monkeypatch):

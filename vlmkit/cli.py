@@ -37,6 +37,7 @@ def finetune_parser(sub: argparse._SubParsersAction) -> None:
         "lora: LoRA adapters (peft); full: everything",
     )
     p.add_argument("--lora-targets", nargs="+", default=defaults.lora_targets)
+    quantize_arguments(p)  # with --train lora: QLoRA on a frozen quantized base
     integers = "lora_r lora_alpha epochs max_steps batch_size grad_accum warmup_steps max_length seed "
     for name in (integers + "save_every eval_every init_seed").split():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))

@@ -316,7 +316,7 @@ class QuantLinear(nn.Module):
                 )
                 y = y[:, : self.out_features]
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def stored(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors a quantized checkpoint holds for this layer (plain layout), under `prefix`."""

@@ -12,6 +12,7 @@ import random
 import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -147,11 +148,14 @@ def pretrain_tower(
     return accuracy
 
 
-def accuracy(model_dir: Path, family: str, n: int = 200, seed: int = 12345) -> dict[str, float]:
-    """Greedy answers to n freshly generated questions per type, exact match."""
+def accuracy(
+    model_dir: Path | str, family: str, n: int = 200, seed: int = 12345, **load: Any
+) -> dict[str, float]:
+    """Greedy answers to n freshly generated questions per type, exact match; `load` goes to VLM.load
+    (quantize=...)."""
     from vlmkit.vlm import VLM, user_turn
 
-    vlm = VLM.load(model_dir)
+    vlm = VLM.load(model_dir, **load)
     rng = random.Random(seed)
     right: Counter = Counter()
     seen: defaultdict = defaultdict(int)

@@ -25,6 +25,7 @@ from torch import nn
 
 from vlmkit.llama import causal_lm_loss
 from vlmkit.models import family_of, init_model, load_model, load_processor, lora_target_regex, resolve_model
+from vlmkit.quant import QuantLinear
 from vlmkit.train.checkpoints import (
     copy_processor_files,
     latest_checkpoint,
@@ -49,6 +50,9 @@ class FinetuneConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    quantize: str | None = None  # "int8" | "int4": a frozen quantized base under the LoRA adapters (QLoRA)
+    group_size: int | None = None  # int4 group size (default vlmkit.quant.DEFAULT_GROUP_SIZE)
+    quantize_parts: list[str] = field(default_factory=list)  # also "vision", "projector"
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 1  # per process and micro-batch
@@ -80,6 +84,11 @@ class FinetuneConfig:
             )
         if self.train not in TRAIN_MODES:
             raise ValueError(f"train must be one of {TRAIN_MODES}, got {self.train!r}")
+        if self.quantize is not None and (self.train != "lora" or self.model is None):
+            raise ValueError(
+                f"quantize={self.quantize!r} trains LoRA adapters on a frozen quantized checkpoint (QLoRA): it "
+                f"needs train='lora' and model= (got train={self.train!r}, model={self.model!r})"
+            )
         if self.on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {self.on_bad_sample!r}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "lora_r"):
@@ -121,6 +130,7 @@ def select_trainable(model: nn.Module, config: FinetuneConfig) -> nn.Module:
                 module.requires_grad_(True)
     elif config.train == "lora":
         from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora.layer import Linear as LoraLinear
 
         model.requires_grad_(False)
         lora = LoraConfig(
@@ -129,6 +139,8 @@ def select_trainable(model: nn.Module, config: FinetuneConfig) -> nn.Module:
             lora_dropout=config.lora_dropout,
             target_modules=lora_target_regex(family_of(model), config.lora_targets),
         )
+        # QLoRA: peft's own Linear wraps a quantized layer as it wraps nn.Linear (it only calls the base layer)
+        lora._register_custom_module({QuantLinear: LoraLinear})
         model = get_peft_model(model, lora)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"train={config.train!r} leaves nothing to train in this model")
@@ -309,7 +321,15 @@ def _build_model(config: FinetuneConfig, device: torch.device) -> nn.Module:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     if config.model is not None:
-        model = load_model(config.model, dtype=torch.float32, device=device)
+        model = load_model(
+            config.model,
+            dtype=torch.float32,
+            device=device,
+            quantize=config.quantize,
+            group_size=config.group_size,
+            quantize_parts=tuple(config.quantize_parts),
+            inference=config.quantize is None,  # a quantized base keeps the layout gradients go through
+        )
     else:
         model = init_model(read_config_file(Path(config.init_config)), seed=config.init_seed).to(device)
     model = select_trainable(model, config)
