@@ -8,7 +8,9 @@ call finds the binaries and skips the build.
 `language_model.lm_head.weight`, read from the safetensors shards one tensor at a time) as an F16 GGUF of
 arch `llama`, with a vocabulary of type "none" (llama.cpp then adds `vocab_size` dummy tokens): enough for
 llama-bench, which feeds random token ids. q/k rows are reordered from the rotate-half rotary layout of
-the checkpoint to the interleaved pairs llama.cpp rotates, so the GGUF computes the same text model.
+the checkpoint to the interleaved pairs llama.cpp rotates (as llama.cpp's own converter does), so the GGUF
+holds the same text model; not checked numerically here, as the speeds do not depend on it.
+llama-quantize keeps its defaults: Q4_0 and Q8_0 leave output.weight (the LM head) in Q6_K / Q8_0.
 
 Needs the `gguf` package (benchmark-only, not a vlmkit dependency): `.venv/bin/pip install gguf`.
 
@@ -155,7 +157,9 @@ def write_gguf(folder: Path, out: Path, text: dict[str, Any]) -> Path:
         # llama.cpp keeps 1-D tensors (norms) in F32 and quantizes only matrices
         return t.to(torch.float32 if t.dim() == 1 else torch.float16).contiguous().numpy()
 
-    writer = gguf.GGUFWriter(str(out), "llama")
+    # written under another name and renamed when complete, so a crash leaves nothing a rerun would reuse
+    partial = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(str(partial), "llama")
     writer.add_name("vlmkit-benchmark-random-llama")
     writer.add_context_length(text.get("max_position_embeddings", 4096))
     writer.add_embedding_length(text["hidden_size"])
@@ -181,6 +185,7 @@ def write_gguf(folder: Path, out: Path, text: dict[str, Any]) -> Path:
     for key in keys:
         writer.write_tensor_data(read(key))
     writer.close()
+    partial.replace(out)
     return out
 
 
@@ -206,9 +211,10 @@ def run_measured(command: list[str], log: Path) -> tuple[str, float, float]:
 
 def quantize(bin_dir: Path, src: Path, dst: Path, kind: str, threads: int = 2) -> float:
     """llama-quantize `src` to `kind` ("Q8_0", "Q4_0", ...); its wall seconds."""
-    _, wall, _ = run_measured(
-        [str(bin_dir / "llama-quantize"), str(src), str(dst), kind, str(threads)], dst.with_suffix(".log")
-    )
+    partial = dst.with_name(dst.name + ".partial")
+    command = [str(bin_dir / "llama-quantize"), str(src), str(partial), kind, str(threads)]
+    _, wall, _ = run_measured(command, dst.with_suffix(".log"))
+    partial.replace(dst)
     return wall
 
 

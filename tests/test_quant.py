@@ -98,8 +98,8 @@ def test_pack_int4_puts_the_even_column_in_the_low_nibble():
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-@pytest.mark.parametrize("n", [40, 48])  # 40: not a multiple of 16, which the int4 CPU packing pads
-def test_quantized_linear_equals_the_dequantized_matmul(scheme, n):
+@pytest.mark.parametrize("n", [40, 128])  # 40: not a whole block of the int4 CPU packing, which is padded
+def test_quantized_linear_equals_the_dequantized_matmul(scheme, n, monkeypatch):
     w, bias = weights(n=n), torch.randn(n) * 0.1
     config = QuantConfig(scheme, 32 if scheme == "int4" else None)
     layer = QuantLinear.from_weight(w, bias, config)
@@ -111,6 +111,8 @@ def test_quantized_linear_equals_the_dequantized_matmul(scheme, n):
         assert (plain - F.linear(x, deq, bias)).abs().max() < 1e-5
     layer.to_cpu_kernels()
     assert layer.layout == "cpu"
+    assert torch.equal(layer.dequantize(), deq)  # the kernel layout reads back exactly
+    monkeypatch.setattr("vlmkit.quant.dense_rows", lambda scheme, dtype: 1 << 62)  # always the kernel
     with torch.no_grad():
         for shape in [(1, 128), (4, 128), (2, 33, 128)]:
             x = torch.randn(shape)
@@ -120,6 +122,39 @@ def test_quantized_linear_equals_the_dequantized_matmul(scheme, n):
             assert (got - want).abs().max() < 2e-2 * want.abs().max()
             xb = x.bfloat16()
             assert layer(xb).dtype == torch.bfloat16
+        last = torch.randn(2, 5, 128).bfloat16()[:, -1]  # a strided view, as a prompt's last position is
+        assert torch.equal(layer(last), layer(last.contiguous()))
+        monkeypatch.setattr("vlmkit.quant.dense_rows", lambda scheme, dtype: 8)  # 8 rows and more: one GEMM
+        x = torch.randn(2, 33, 128)
+        assert (layer(x) - F.linear(x, deq, bias)).abs().max() < 1e-5
+        want = F.linear(x[:, :3].bfloat16().float(), deq, bias)  # 6 rows: the kernel
+        assert (layer(x[:, :3]) - want).abs().max() < 2e-2 * want.abs().max()
+
+
+def test_int4_cpu_layout_is_read_back_for_every_row_count():
+    """`dequantize` reads PyTorch's int4 packing by a documented layout; this pins it to the op itself."""
+    for n in (16, 64, 100, 192, 320):
+        layer = QuantLinear.from_weight(weights(n=n, k=64), None, QuantConfig("int4", 32))
+        plain = layer.dequantize()
+        layer.to_cpu_kernels()
+        assert layer.qweight.shape[0] % 64 == 0 and torch.equal(layer.dequantize(), plain)
+        half = layer.dequantize(torch.bfloat16)  # the faster 16-bit path a prefill takes
+        assert half.dtype == torch.bfloat16 and (half.float() - plain).abs().max() <= plain.abs().max() / 64
+
+
+def test_int8_dequantizes_to_16_bits_within_rounding():
+    layer = QuantLinear.from_weight(weights(), None, QuantConfig("int8"))
+    plain = layer.dequantize()
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.allclose(layer.dequantize(dtype).float(), plain, rtol=1e-2, atol=1e-6)
+
+
+def test_dense_rows_is_measured_for_each_scheme_and_dtype():
+    from vlmkit.quant import dense_rows
+
+    for scheme in ("int8", "int4"):
+        rows = dense_rows(scheme, torch.bfloat16)
+        assert rows >= 8 and dense_rows(scheme, torch.bfloat16) == rows  # measured once, then cached
 
 
 def test_gradients_reach_the_input_through_a_frozen_quantized_layer():
@@ -130,9 +165,10 @@ def test_gradients_reach_the_input_through_a_frozen_quantized_layer():
     xr = x.detach().clone().requires_grad_(True)
     F.linear(xr, layer.dequantize()).square().sum().backward()
     assert (x.grad - xr.grad).abs().max() < 1e-4
-    layer.to_cpu_kernels()
-    with pytest.raises(RuntimeError, match="inference=False"):
-        layer(torch.randn(3, 128, requires_grad=True))
+    layer.to_cpu_kernels()  # the kernel layout differentiates the same way
+    x2 = x.detach().clone().requires_grad_(True)
+    layer(x2).square().sum().backward()
+    assert (x2.grad - x.grad).abs().max() < 1e-5 * x.grad.abs().max()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ is never held in full precision. The model code does not change. It has two layo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +43,8 @@ QUANT_METHOD = "vlmkit"  # config.json's quantization_config.quant_method (trans
 FORMAT_VERSION = 1
 SCALE_DTYPE = torch.bfloat16
 ROW_CHUNK = 2048  # rows quantized at a time: bounds the fp32 scratch for a vocab-sized LM head
-CPU_INT4_ROWS = 16  # the int4 CPU packing wants out_features a multiple of this: pad, then slice
+DENSE_ROWS = (8, 16, 32, 64, 128, 256, 512)  # the row counts `dense_rows` tries
+CPU_INT4_ROWS = 64  # the int4 CPU packing's block of output rows: pad to it, slice the output
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,35 @@ def dequantize(
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def dense_rows(scheme: str, dtype: torch.dtype) -> int:
+    """From how many activation rows (in `dtype`) a packed CPU kernel loses to dequantizing the weight once
+    and running one dense GEMM (a long prompt's prefill), measured once per process on this CPU (under a
+    second): a 1024 x 2048 layer, the best of three runs at 8 ... 512 rows."""
+    import time
+
+    g = torch.Generator().manual_seed(0)  # the caller's random state stays untouched
+    layer = QuantLinear.from_weight(torch.randn(1024, 2048, generator=g) * 0.02, None, QuantConfig(scheme))
+    layer.to_cpu_kernels()
+
+    def best(fn: Any) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        for rows in DENSE_ROWS:
+            x = torch.randn(rows, 2048, generator=g).to(dtype)
+            packed = best(lambda x=x: layer._packed(x.to(SCALE_DTYPE)).to(dtype))
+            dense = best(lambda x=x: F.linear(x, layer.dequantize(dtype)))
+            if dense < packed:
+                return rows
+    return 1 << 62
+
+
 class _DequantMatmul(torch.autograd.Function):
     """x @ W.T for a frozen quantized W: the backward dequantizes W again instead of saving it, so training
     (QLoRA) holds one layer's full-precision weight at a time, never the model's."""
@@ -274,49 +305,78 @@ class QuantLinear(nn.Module):
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight this layer stands for, in `dtype`, from either layout. float32 is exact; a
+        16-bit dtype is computed in that dtype in fewer passes (a long prompt's prefill dequantizes every
+        layer once)."""
+        if self.scheme == "int8":
+            if dtype == torch.float32:
+                return dequantize("int8", self.qweight, self.scales)
+            return self.qweight.to(dtype).mul_(self.scales.to(dtype)[:, None])
         if self.layout == "plain":
             return dequantize(self.scheme, self.qweight, self.scales, self.zeros, dtype=dtype)
-        if self.scheme == "int8":
-            return dequantize("int8", self.qweight, self.scales, dtype=dtype)
-        raise RuntimeError(
-            "an int4 layer in the CPU kernel layout cannot be differentiated or dequantized; load the model "
-            "with inference=False for training (vlmkit finetune does)"
-        )
+        n_pad, k, g = self.qweight.shape[0], self.in_features, self.group_size
+        half = CPU_INT4_ROWS // 2
+        # (blocks, K, 32) bytes -> (blocks, 32, K): see `to_cpu_kernels`
+        blocks = self.qweight.view(n_pad // CPU_INT4_ROWS, k, half).transpose(1, 2).contiguous()
+        q = torch.empty(n_pad // CPU_INT4_ROWS, 2, half, k, dtype=torch.uint8)  # rows in order
+        torch.bitwise_and(blocks, 0xF, out=q[:, 0])
+        torch.bitwise_right_shift(blocks, 4, out=q[:, 1])
+        q = q.view(n_pad, k // g, g)
+        scale, zero = self.scales.permute(2, 1, 0).float()  # (N, K/g) each
+        if dtype == torch.float32:  # the order `dequantize` uses: bit-identical
+            w = (q.float() - 8) * scale[..., None] + zero[..., None]
+        else:  # bf16/fp16 arithmetic, in place: what a prefill can afford per layer
+            scale, shift = scale.to(dtype)[..., None], (zero - 8 * scale).to(dtype)[..., None]
+            w = q.to(dtype).mul_(scale).add_(shift)
+        return w.view(n_pad, k)[: self.out_features]
 
     def to_cpu_kernels(self) -> None:
-        """Re-lay the weight for PyTorch's packed CPU kernels (once; inference only)."""
+        """Re-lay the weight for PyTorch's packed CPU kernels (once; inference only). The int4 packing
+        (PyTorch 2.13) takes blocks of 64 output rows; in each block, input column k holds 32 bytes, byte j
+        carrying row j in its low nibble and row j + 32 in its high one. Rows are padded to whole blocks
+        so that `dequantize` can read the layout back (tests check it against the packing op)."""
         if self.layout == "cpu" or self.qweight.device.type != "cpu":
             return
         if self.scheme == "int4":
             pad = -self.out_features % CPU_INT4_ROWS
-            q = unpack_int4(self.qweight).to(torch.int32)
+            q = unpack_int4(self.qweight)
             scale_zero = torch.stack([self.scales, self.zeros], dim=-1)  # (N, K/g, 2)
             if pad:
                 q = F.pad(q, (0, 0, 0, pad))
                 scale_zero = F.pad(scale_zero, (0, 0, 0, 0, 0, pad))
-            self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            # packed a few blocks at a time: the op takes int32, 8x the packed bytes
+            self.qweight = torch.cat(
+                [
+                    torch.ops.aten._convert_weight_to_int4pack_for_cpu(part.to(torch.int32), 1)
+                    for part in q.split(ROW_CHUNK)
+                ]
+            )
             self.scales = scale_zero.transpose(0, 1).contiguous()  # (K/g, N, 2), the kernel's order
             self.zeros = None
         self.layout = "cpu"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "plain" or (torch.is_grad_enabled() and x.requires_grad):
-            y = (
-                _DequantMatmul.apply(x, self)
-                if torch.is_grad_enabled()
-                else F.linear(x, self.dequantize(x.dtype))
-            )
+        rows = x.numel() // self.in_features
+        grad = torch.is_grad_enabled() and x.requires_grad
+        if grad:
+            y = _DequantMatmul.apply(x, self)
+        elif self.layout == "plain" or (rows >= DENSE_ROWS[0] and rows >= dense_rows(self.scheme, x.dtype)):
+            # any device, or enough rows that one dequantized GEMM beats the packed kernel
+            y = F.linear(x, self.dequantize(x.dtype))
         else:
-            rows = x.reshape(-1, self.in_features).to(SCALE_DTYPE)
-            if self.scheme == "int8":
-                y = torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scales)
-            else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                    rows, self.qweight, self.group_size, self.scales
-                )
-                y = y[:, : self.out_features]
+            flat = (
+                x.reshape(rows, self.in_features).to(SCALE_DTYPE).contiguous()
+            )  # the kernels read rows densely
+            y = self._packed(flat)
             y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _packed(self, flat: torch.Tensor) -> torch.Tensor:
+        """(rows, in) contiguous bf16 -> (rows, out) bf16 through PyTorch's packed CPU kernel."""
+        if self.scheme == "int8":
+            return torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scales)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.qweight, self.group_size, self.scales)
+        return y[:, : self.out_features]
 
     def stored(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors a quantized checkpoint holds for this layer (plain layout), under `prefix`."""
