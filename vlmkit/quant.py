@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -412,7 +412,6 @@ class Target:
     shape: tuple[int, int]  # (out, in)
     bias: bool
     owner_weight: bool = False  # True: path's `weight` (a linear_fn module), not the module itself
-    keys: list[str] = field(default_factory=list)
 
 
 def _under(name: str, paths: tuple[str, ...]) -> bool:
@@ -520,11 +519,10 @@ def load_quantized(
         bias = refs.pop().load(dtype=dtype) if t.bias else None
         if quantized_file:
             q, scale, *zero = (r.load() for r in refs)
-            packed = t.shape[1] // 2 if config.scheme == "int4" else t.shape[1]
-            expect = {"qweight": (t.shape[0], packed)}
-            if tuple(q.shape) != expect["qweight"] or scale.shape[0] != t.shape[0]:
+            expect = (t.shape[0], t.shape[1] // 2 if config.scheme == "int4" else t.shape[1])
+            if tuple(q.shape) != expect or scale.shape[0] != t.shape[0]:
                 raise CheckpointError(
-                    f"{source}: {t.path}.qweight is {tuple(q.shape)}, the model needs {expect['qweight']} "
+                    f"{source}: {t.path}.qweight is {tuple(q.shape)}, the model needs {expect} "
                     f"for {config.describe()}"
                 )
             layer = QuantLinear(
