@@ -208,10 +208,18 @@ def dequantize(
     """The weight a plain-layout quantized layer stands for, in `dtype`."""
     if scheme == "int8":
         return (qweight.to(torch.float32) * scale.float()[:, None]).to(dtype)
-    q = unpack_int4(qweight).to(torch.float32)
-    group = q.shape[1] // scale.shape[1]
-    w = (q.view(q.shape[0], -1, group) - 8) * scale.float()[..., None] + zero.float()[..., None]
-    return w.reshape(q.shape).to(dtype)
+    return int4_weight(unpack_int4(qweight), scale.float(), zero.float(), torch.float32).to(dtype)
+
+
+def int4_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) int4 values as uint8, (N, K/g) float32 scales and zeros -> the (N, K) weight in `dtype`.
+    float32 is exact; a 16-bit dtype is computed in that dtype, in place, in fewer passes (what a prefill
+    can afford per layer)."""
+    groups = q.view(q.shape[0], scale.shape[1], -1)
+    if dtype == torch.float32:
+        return ((groups.float() - 8) * scale[..., None] + zero[..., None]).view(q.shape)
+    shift = (zero - 8 * scale).to(dtype)[..., None]
+    return groups.to(dtype).mul_(scale.to(dtype)[..., None]).add_(shift).view(q.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,21 +322,15 @@ class QuantLinear(nn.Module):
             return self.qweight.to(dtype).mul_(self.scales.to(dtype)[:, None])
         if self.layout == "plain":
             return dequantize(self.scheme, self.qweight, self.scales, self.zeros, dtype=dtype)
-        n_pad, k, g = self.qweight.shape[0], self.in_features, self.group_size
+        n_pad, k = self.qweight.shape[0], self.in_features
         half = CPU_INT4_ROWS // 2
         # (blocks, K, 32) bytes -> (blocks, 32, K): see `to_cpu_kernels`
         blocks = self.qweight.view(n_pad // CPU_INT4_ROWS, k, half).transpose(1, 2).contiguous()
         q = torch.empty(n_pad // CPU_INT4_ROWS, 2, half, k, dtype=torch.uint8)  # rows in order
         torch.bitwise_and(blocks, 0xF, out=q[:, 0])
         torch.bitwise_right_shift(blocks, 4, out=q[:, 1])
-        q = q.view(n_pad, k // g, g)
         scale, zero = self.scales.permute(2, 1, 0).float()  # (N, K/g) each
-        if dtype == torch.float32:  # the order `dequantize` uses: bit-identical
-            w = (q.float() - 8) * scale[..., None] + zero[..., None]
-        else:  # bf16/fp16 arithmetic, in place: what a prefill can afford per layer
-            scale, shift = scale.to(dtype)[..., None], (zero - 8 * scale).to(dtype)[..., None]
-            w = q.to(dtype).mul_(scale).add_(shift)
-        return w.view(n_pad, k)[: self.out_features]
+        return int4_weight(q.view(n_pad, k), scale, zero, dtype)[: self.out_features]
 
     def to_cpu_kernels(self) -> None:
         """Re-lay the weight for PyTorch's packed CPU kernels (once; inference only). The int4 packing
