@@ -328,7 +328,7 @@ def _build_model(config: FinetuneConfig, device: torch.device) -> nn.Module:
             quantize=config.quantize,
             group_size=config.group_size,
             quantize_parts=tuple(config.quantize_parts),
-            inference=config.quantize is None,  # a quantized base keeps the layout gradients go through
+            inference=False,  # the checkpoint's layout: the same in every process (DDP), and what gradients use
         )
     else:
         model = init_model(read_config_file(Path(config.init_config)), seed=config.init_seed).to(device)
