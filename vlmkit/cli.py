@@ -47,6 +47,12 @@ def finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-data")
     p.add_argument("--on-bad-sample", choices=("skip", "error"), default=defaults.on_bad_sample)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state over the processes (FSDP2, under torchrun); "
+        "checkpoints are sharded (torch.distributed.checkpoint) and resume on any number of processes",
+    )
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --output-dir"
@@ -102,6 +108,16 @@ def quantize_arguments(p: argparse.ArgumentParser) -> None:
         choices=("vision", "projector"),
         default=[],
         help="quantize these too (the vision tower, the projector / resampler)",
+    )
+
+
+def tp_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="split the language model over N processes (tensor parallel); run the command under "
+        "`torchrun --nproc-per-node N -m vlmkit ...`",
     )
 
 
@@ -172,11 +188,13 @@ def generate_command(
     quantize: str | None = None,
     group_size: int | None = None,
     quantize_parts: Sequence[str] = (),
+    tp: int = 1,
     **settings: Any,
 ) -> str:
     """The answer of `model` to `prompt` about `images` (visual prompts drawn on the first image): one user
     turn through the checkpoint's chat template, or with raw=True the prompt as it is (`<image>` markers
-    where the images go; none: images first)."""
+    where the images go; none: images first). tp: split over this many processes, each running this call."""
+    from vlmkit.tensor_parallel import is_main_process
     from vlmkit.vlm import VLM, user_turn
 
     pictures = prompted_images(images, visual_prompts)
@@ -184,10 +202,11 @@ def generate_command(
         model,
         dtype=dtype,
         device=device,
-        progress=True,
+        progress=is_main_process(),
         quantize=quantize,
         group_size=group_size,
         quantize_parts=quantize_parts,
+        tp=tp,
     )
     if raw:
         return vlm.generate(prompt, images=pictures, **settings)
@@ -209,21 +228,25 @@ def generate_parser(sub: argparse._SubParsersAction) -> None:
         "--raw", action="store_true", help="send the prompt as it is instead of through the chat template"
     )
     sampling_arguments(p)
+    tp_argument(p)
 
     def run(args: argparse.Namespace) -> int:
-        print(  # the answer without the space a chat template leaves before it
-            generate_command(
-                args.prompt,
-                args.model,
-                images=args.image,
-                visual_prompts=args.visual_prompt,
-                dtype=args.dtype,
-                device=args.device,
-                raw=args.raw,
-                **quantization(args),
-                **sampling(args),
-            ).strip()
+        from vlmkit.tensor_parallel import is_main_process
+
+        answer = generate_command(
+            args.prompt,
+            args.model,
+            images=args.image,
+            visual_prompts=args.visual_prompt,
+            dtype=args.dtype,
+            device=args.device,
+            raw=args.raw,
+            tp=args.tp,
+            **quantization(args),
+            **sampling(args),
         )
+        if is_main_process():  # every process of a split model computes the same answer
+            print(answer.strip())  # without the space a chat template leaves before it
         return 0
 
     p.set_defaults(run=run)
@@ -301,10 +324,11 @@ def info_command(
     quantize_parts: Sequence[str] = (),
     batch_size: int = 1,
     length: int | None = None,
+    tp: int = 1,
 ) -> dict[str, Any]:
     """Family, parameter counts per part, dtype, quantization and files of a checkpoint, and its memory plan
-    (weights and KV cache at `batch_size` rows of `length` tokens, quantized as asked), from config.json and
-    the file headers: no weight is read."""
+    (weights and KV cache at `batch_size` rows of `length` tokens, quantized as asked, per process when split
+    over `tp`), from config.json and the file headers: no weight is read."""
     from vlmkit.models import resolve_model
     from vlmkit.plan import memory_plan, meta_model
     from vlmkit.weights import read_config
@@ -318,6 +342,7 @@ def info_command(
         quantize_parts=tuple(quantize_parts),
         batch_size=batch_size,
         length=length,
+        tp=tp,
     )
     m, _ = meta_model(raw, str(folder / "config.json"))
     owner = m.model if hasattr(m, "model") else m
@@ -350,9 +375,15 @@ def info_parser(sub: argparse._SubParsersAction) -> None:
     quantize_arguments(p)
     p.add_argument("--batch-size", type=int, default=1, help="rows for the KV-cache estimate")
     p.add_argument("--length", type=int, help="tokens per row (default: the model's max_position_embeddings)")
+    p.add_argument("--tp", type=int, default=1, help="the plan of each of N processes (tensor parallel)")
+    p.add_argument(
+        "--device-memory", type=float, help="GB per device: say whether the plan fits and what is left"
+    )
 
     def run(args: argparse.Namespace) -> int:
-        info = info_command(args.model, batch_size=args.batch_size, length=args.length, **quantization(args))
+        info = info_command(
+            args.model, batch_size=args.batch_size, length=args.length, tp=args.tp, **quantization(args)
+        )
         mem = info["memory"]
         print(
             f"{info['folder']}\n  family: {info['model_type']}\n  dtype: {info['dtype']}\n"
@@ -360,13 +391,23 @@ def info_parser(sub: argparse._SubParsersAction) -> None:
         )
         for name, n in info["parts"].items():
             print(f"    {name}: {n:,}")
-        print(f"  memory ({mem['quantization'] or mem['dtype']}):")
+        split = f", per process of tp={mem['tp']}" if mem["tp"] > 1 else ""
+        print(f"  memory ({mem['quantization'] or mem['dtype']}{split}):")
         for name, n in mem["parts"].items():
             print(f"    {name}: {n / 1e9:.2f} GB")
         print(
             f"    weights {mem['weight_bytes'] / 1e9:.2f} GB + KV cache {mem['kv_cache_bytes'] / 1e9:.2f} GB "
             f"(batch {mem['batch_size']} x {mem['length']} tokens) = {mem['total_bytes'] / 1e9:.2f} GB"
         )
+        if args.device_memory is not None:
+            left = args.device_memory - mem["total_bytes"] / 1e9
+            devices = (
+                f"{mem['tp']} x {args.device_memory:g} GB" if mem["tp"] > 1 else f"{args.device_memory:g} GB"
+            )
+            verdict = (
+                f"fits, {left:.2f} GB left per device" if left > 0 else f"does not fit, {-left:.2f} GB short"
+            )
+            print(f"  on {devices}: {verdict} (activations need some of what is left)")
         print("  files: " + ", ".join(info["files"]))
         return 0
 
@@ -484,6 +525,7 @@ def serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
     quantize_arguments(p)
+    tp_argument(p)
 
     def run(args: argparse.Namespace) -> int:
         import logging
@@ -498,6 +540,7 @@ def serve_parser(sub: argparse._SubParsersAction) -> None:
             server=server,
             dtype=args.dtype,
             device=args.device,
+            tp=args.tp,
             **quantization(args),
         )
         return 0
@@ -530,6 +573,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"vlmkit {args.command}: error: {e} (--debug shows the traceback)", file=sys.stderr)
         return 2
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Leave the process group a split model (tp) or a training run started, if one is still up."""
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,19 @@ class TrainableParts:
 
 
 @dataclass(frozen=True)
+class TensorParallelPlan:
+    """Where a family's parts split over processes are, by module path (vlmkit.tensor_parallel applies it).
+
+    blocks: containers of decoder-style blocks, each with an attention child (a name in `attention`) that has
+    q/k/v/o projections and head counts `n_heads` (and `n_kv_heads`), and an `mlp` with gate/up/down;
+    vocab: the token embedding and the LM head, split over the vocabulary. Everything else stays whole."""
+
+    blocks: tuple[str, ...]
+    vocab: tuple[str, ...]
+    attention: tuple[str, ...] = ("self_attn", "cross_attn")
+
+
+@dataclass(frozen=True)
 class Family:
     name: str  # the registry name: a model_type, and the built-in demo folder's name
     title: str  # for people ("LLaVA")
@@ -68,6 +81,7 @@ class Family:
     collate_images: Callable[[list[Any], int], dict[str, torch.Tensor]]
     trainable: TrainableParts
     quant_parts: QuantParts  # which modules `quantize=` may swap (language; vision and projector on request)
+    tensor_parallel: TensorParallelPlan  # what `tp=N` splits over N processes
     stop_tokens: tuple[str, ...] = ()  # tokens besides eos that end a turn, where the tokenizer has them
     # (name, parameter, parsed config, generator) -> True when it initialised a parameter of its own
     init_parameter: Callable[[str, nn.Parameter, Any, torch.Generator], bool] | None = None
@@ -106,6 +120,10 @@ def registry() -> tuple[Family, ...]:
                 vision=("vision_tower",),
                 projector=("multi_modal_projector",),
             ),
+            tensor_parallel=TensorParallelPlan(
+                blocks=("language_model.model.layers",),
+                vocab=("language_model.model.embed_tokens", "language_model.lm_head"),
+            ),
             builtin_names=("demo", "demo-vipllava"),
         ),
         Family(
@@ -135,6 +153,10 @@ def registry() -> tuple[Family, ...]:
                 vision=("model.vision_model",),
                 projector=("model.perceiver_resampler",),
                 skip=("lm_head.additional_fc",),  # the new tokens' few rows, which train
+            ),
+            tensor_parallel=TensorParallelPlan(
+                blocks=("model.layers", "model.gated_cross_attn_layers"),
+                vocab=("model.embed_tokens", "lm_head"),
             ),
             stop_tokens=(END_OF_UTTERANCE,),  # IDEFICS-instruct ends each turn with it
             init_parameter=idefics_policy.init_parameter,
@@ -232,6 +254,7 @@ def load_model(
     group_size: int | None = None,
     quantize_parts: tuple[str, ...] | list[str] = (),
     inference: bool = True,
+    tp: int = 1,
 ) -> nn.Module:
     """Load a published (or transformers-saved, or vlmkit-saved) checkpoint, or a built-in demo model.
 
@@ -242,6 +265,8 @@ def load_model(
     of the language model's linear layers and LM head, done layer by layer as the file is read;
     quantize_parts adds "vision" and/or "projector". A checkpoint saved quantized (`vlmkit convert
     --quantize`) loads as it was saved. inference=False keeps the layout training reads (no CPU relayout).
+    tp: split the language model over this many processes (tensor parallel, vlmkit.tensor_parallel), each
+    running this same call under torchrun; each reads only its part of the file, onto its own GPU (or CPU).
     The model is built on the meta device and the tensors are assigned, so nothing is allocated twice.
 
         >>> model = load_model("demo-idefics", quantize="int8")
@@ -257,6 +282,8 @@ def load_model(
     dtype = parse_dtype(dtype) or checkpoint_dtype(tensors, raw)
     with torch.device("meta"):
         model = family.model_cls(config)
+    if tp != 1:
+        device = split_over_processes(model, family, tp, quantization, device, str(folder))
     if quantization is not None:
         load_quantized(
             model,
@@ -271,9 +298,32 @@ def load_model(
     model.quantization = quantization  # what `save_pretrained` records in config.json
     load_weights(model, tensors, dtype=dtype, device=device, source=str(folder), progress=progress)
     del tensors  # the model holds the tensors now; relayout below must not keep a second copy alive
-    if inference and next(model.parameters()).device.type == "cpu":
+    if inference and tp == 1 and next(model.parameters()).device.type == "cpu":
         optimize_for_cpu_inference(model, batched=batched)
     return model.eval()
+
+
+def split_over_processes(
+    model: nn.Module,
+    family: Family,
+    tp: int,
+    quantization: QuantConfig | None,
+    device: torch.device | str | None,
+    source: str,
+) -> torch.device:
+    """Check that `model` (on the meta device) splits over `tp` processes, before anything is read, and
+    split it; returns this process's device."""
+    from vlmkit.tensor_parallel import check_tp_size, parallelize, process_mesh, tp_device
+
+    check_tp_size(model, family.tensor_parallel, tp, source)
+    if quantization is not None:
+        raise ValueError(
+            f"tp={tp} with {quantization.scheme} weights is not supported: quantized layers do not split "
+            f"over processes. Use tp with bf16/fp32 weights, or a quantized model on one device"
+        )
+    device = tp_device(device)
+    parallelize(model, family.tensor_parallel, process_mesh(tp, device))
+    return device
 
 
 def load_processor(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Any:

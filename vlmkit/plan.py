@@ -29,6 +29,7 @@ class MemoryPlan:
     batch_size: int
     length: int
     kv_cache_bytes: int  # the decoder's self-attention keys and values for batch_size rows of `length` tokens
+    tp: int = 1  # processes the model is split over (tensor parallel): every byte figure is per process
 
     @property
     def total_bytes(self) -> int:
@@ -53,9 +54,15 @@ def _part(name: str) -> str:
 
 
 def weight_bytes(
-    model: nn.Module, family: Any, quantization: QuantConfig | None, dtype: torch.dtype
+    model: nn.Module, family: Any, quantization: QuantConfig | None, dtype: torch.dtype, tp: int = 1
 ) -> tuple[int, dict[str, int]]:
-    """Total and per-part bytes of the weights, floating tensors in `dtype`, quantized layers as stored."""
+    """Total and per-part bytes of the weights, floating tensors in `dtype`, quantized layers as stored; with
+    tp > 1, those of the process holding the most (rank 0: split tensors give it ceil(n / tp) rows)."""
+    split = {}
+    if tp > 1:
+        from vlmkit.tensor_parallel import split_parameters
+
+        split = split_parameters(model, family.tensor_parallel)
     found = {t.path: t for t in targets(model, family.quant_parts, quantization)} if quantization else {}
     parts: dict[str, int] = {}
     seen: set[int] = set()
@@ -68,6 +75,9 @@ def weight_bytes(
             size = stored_bytes(found[owner], quantization)
         else:
             size = tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
+            if name in split:
+                rows = tensor.shape[split[name]]
+                size = size // rows * -(-rows // tp)
         parts[_part(name)] = parts.get(_part(name), 0) + size
     return sum(parts.values()), parts
 
@@ -104,9 +114,11 @@ def memory_plan(
     dtype: torch.dtype | str | None = None,
     batch_size: int = 1,
     length: int | None = None,
+    tp: int = 1,
 ) -> MemoryPlan:
     """The memory a checkpoint needs, from its config.json only. dtype: the unquantized tensors' (default
-    config.json's, else float32); length: tokens per row (default the text model's max_position_embeddings)."""
+    config.json's, else float32); length: tokens per row (default the text model's max_position_embeddings);
+    tp: split over this many processes (tensor parallel), the figures then being each process's."""
     from vlmkit.models import resolve_model
     from vlmkit.weights import parse_dtype, read_config
 
@@ -121,10 +133,16 @@ def memory_plan(
         source,
     )
     model, family = meta_model(raw, source)
+    if tp != 1:
+        from vlmkit.tensor_parallel import check_tp_size
+
+        check_tp_size(model, family.tensor_parallel, tp, source)
+        if quantization is not None:
+            raise ValueError(f"tp={tp} with quantized weights is not supported; plan one or the other")
     dtype = parse_dtype(dtype) or stored_dtype(folder, raw)
     text = model.config.to_hf().get("text_config", model.config.to_hf())
     length = length or int(text.get("max_position_embeddings") or 2048)
-    total, parts = weight_bytes(model, family, quantization, dtype)
+    total, parts = weight_bytes(model, family, quantization, dtype, tp)
     return MemoryPlan(
         model_type=raw["model_type"],
         dtype=str(dtype).removeprefix("torch."),
@@ -134,5 +152,6 @@ def memory_plan(
         weight_bytes=total,
         batch_size=batch_size,
         length=length,
-        kv_cache_bytes=kv_cache_bytes(model, batch_size, length, dtype),
+        kv_cache_bytes=kv_cache_bytes(model, batch_size, length, dtype) // tp,  # heads split evenly
+        tp=tp,
     )

@@ -48,9 +48,11 @@ class VLM:
         quantize: str | QuantConfig | None = None,
         group_size: int | None = None,
         quantize_parts: Sequence[str] = (),
+        tp: int = 1,
     ) -> VLM:
         """A checkpoint folder, hub id or built-in demo model ("demo", "demo-idefics"); batched: the CPU weight
-        layout for many rows at a time; quantize: "int8" or "int4" weights (see `load_model`)."""
+        layout for many rows at a time; quantize: "int8" or "int4" weights; tp: split over this many
+        processes, every one of them making this call under torchrun (see `load_model`)."""
         model = load_model(
             path_or_repo_id,
             dtype=dtype,
@@ -60,6 +62,7 @@ class VLM:
             quantize=quantize,
             group_size=group_size,
             quantize_parts=tuple(quantize_parts),
+            tp=tp,
         )
         return cls(model, load_processor(path_or_repo_id))
 

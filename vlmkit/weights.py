@@ -171,14 +171,26 @@ class TensorRef:
     tensor: torch.Tensor | None = None  # .bin files: torch.load has mapped them already
 
     def load(
-        self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        part: tuple[int, int, int] | None = None,
     ) -> torch.Tensor:
+        """The tensor on `device` in `dtype`; part (dim, start, stop): only that range along dim, read
+        from the file without reading the rest (one process's share of a split tensor)."""
         target = dtype if (dtype is not None and self.dtype.is_floating_point) else self.dtype
         if self.tensor is not None:
-            return self.tensor.to(device=device or "cpu", dtype=target, copy=True)
+            t = self.tensor if part is None else self.tensor.narrow(part[0], part[1], part[2] - part[1])
+            return t.to(device=device or "cpu", dtype=target, copy=True)
         try:
             with safe_open(str(self.path), framework="pt") as f:
-                return f.get_tensor(self.key).to(device=device or "cpu", dtype=target, copy=True)
+                if part is None:
+                    t = f.get_tensor(self.key)
+                else:
+                    dim, start, stop = part
+                    t = f.get_slice(self.key)[(slice(None),) * dim + (slice(start, stop),)]
+                return t.to(device=device or "cpu", dtype=target, copy=True)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(
                 f"cannot read tensor {self.key!r} from {self.path}: {e}. The file is corrupt or truncated; "
@@ -303,6 +315,9 @@ def load_weights(
         raise CheckpointError("\n".join(parts))
     from tqdm.auto import tqdm
 
+    split = getattr(model, "tp_mesh", None) is not None
+    if split:
+        from vlmkit.tensor_parallel import as_local_part, shard_range
     total = sum(math.prod(r.shape) * r.dtype.itemsize for r in tensors.values())
     state = {}
     with tqdm(
@@ -314,7 +329,11 @@ def load_weights(
         leave=False,
     ) as bar:
         for k, ref in tensors.items():
-            state[k] = ref.load(device=device, dtype=dtype)
+            if split:  # split over processes (tensor parallel): read this process's part only
+                meta = expected[k]
+                state[k] = as_local_part(meta, ref.load(device=device, dtype=dtype, part=shard_range(meta)))
+            else:
+                state[k] = ref.load(device=device, dtype=dtype)
             bar.update(math.prod(ref.shape) * ref.dtype.itemsize)
     model.load_state_dict(state, assign=True, strict=False)
     for alias, owner in aliases.items():  # assign=True replaced the owner; point the alias at it again

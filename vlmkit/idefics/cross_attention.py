@@ -42,12 +42,12 @@ class CrossAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         if hasattr(self, "q_layer_norm"):
             q = self.q_layer_norm(q)
         y = attention(q, kv[0], kv[1], mask=mask)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class GatedCrossAttentionBlock(nn.Module):

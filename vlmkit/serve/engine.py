@@ -3,8 +3,10 @@
 The engine knows a model only through the runner interface (`vlmkit.runner.Runner`), and runs schedule ->
 execute -> update in one thread, with its parts in their own modules:
 - `Scheduler` (scheduler.py): the waiting queue, admission into free rows, compaction;
-- `CacheManager` (cache.py): every row's keys/values, the prefix cache of prompt and answer blocks (hash
-  chained over tokens and the pictures they depend on), the feature cache;
+- `Executor` (executor.py): everything that touches the model and its caches, through a few calls of plain
+  data, which a model split over processes (tensor parallel) runs on every process at once;
+- `CacheManager` (cache.py, held by the executor): every row's keys/values, the prefix cache of prompt and
+  answer blocks (hash chained over tokens and the pictures they depend on), the feature cache;
 - the runner (the model): `plan`, `encode`, `prompt_images`, `prefill`, `decode`, and its `row_store` of
   per-row family state;
 - the output stage (output.py): sampling, stop strings, detokenization.
@@ -18,6 +20,7 @@ blocks the prefix cache already holds. Callers get their events through a callba
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -28,10 +31,8 @@ from typing import Any
 import torch
 
 from vlmkit.generation import DEFAULT_MAX_NEW_TOKENS, GenerationConfig, StopStrings, make_config
-from vlmkit.llama import check_text_inputs
 from vlmkit.models import family_of, stop_token_ids
-from vlmkit.modules import CacheSlots
-from vlmkit.serve.cache import CacheManager, PrefixCache, Prompt
+from vlmkit.serve.cache import PrefixCache, Prompt
 from vlmkit.serve.config import EngineConfig
 from vlmkit.serve.errors import (
     EngineError,
@@ -40,6 +41,7 @@ from vlmkit.serve.errors import (
     QueueFull,
     RequestTimeout,
 )
+from vlmkit.serve.executor import Executor
 from vlmkit.serve.output import Event, Row, take
 from vlmkit.serve.scheduler import Scheduler
 from vlmkit.tokenizer import IncrementalDecoder
@@ -116,16 +118,10 @@ class Engine:
         self.eos = stop_token_ids(tokenizer, family_of(model))
         self.pad = tokenizer.pad_token_id
         self.scheduler = Scheduler(c.max_batch, c.max_queue)
-        self.cache = CacheManager(
-            model,
-            max_batch=c.max_batch,
-            max_seq_len=c.max_seq_len,
-            feature_cache=c.feature_cache,
-            prefix_cache_mb=c.prefix_cache_mb,
-            prefix_block=c.prefix_block,
-        )
-        self.states = model.row_store(c.max_batch)
+        self.executor = Executor(model, c)  # on a split model, every other process runs one beside it
+        self.cache = self.executor.cache
         self.features, self.prefix = self.cache.features, self.cache.prefix
+        self._keys = itertools.count()
         self.steps = 0
         self.error: EngineFailure | None = None
         self._stop, self._wake = threading.Event(), threading.Event()
@@ -179,71 +175,39 @@ class Engine:
 
     # -- joining --------------------------------------------------------------------------------
 
-    def _plan(self, request: Request) -> Prompt:
-        inputs = request.inputs
-        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        check_text_inputs(ids, mask, None)
-        if ids.shape[0] != 1 or (mask is not None and not bool(mask.all())):
-            raise InvalidRequest(
-                f"the engine takes one unpadded prompt per request; got input_ids {tuple(ids.shape)}"
-                + ("" if mask is None else f" with {int((mask == 0).sum())} padding positions")
-            )
-        return self.cache.plan(self.model.plan(inputs))
-
     def _admit(self) -> None:
         joining, cancelled = self.scheduler.admit()
         for r in cancelled:
             self._finish_request(r, "cancelled")
-        planned: list[tuple[Request, Prompt]] = []
+        planned: list[tuple[Request, int, Prompt]] = []
         for r in joining:
+            key = next(self._keys)
             try:
-                planned.append((r, self._plan(r)))
+                planned.append((r, key, self.executor.call("plan", key, r.inputs)))
             except Exception as e:  # a malformed request fails alone
                 self._finish_request(r, "error", e)
         if not planned:
             return
         try:
-            features = self.cache.encode_needed([prompt for _, prompt in planned])
+            self.executor.call("encode", [key for _, key, _ in planned])
         except Exception as e:  # a bad image batch: fail those requests, keep serving
-            for r, _ in planned:
+            for r, key, _ in planned:
+                self.executor.call("forget", key)
                 self._finish_request(r, "error", e)
             return
-        for r, prompt in planned:
+        for r, key, prompt in planned:
             try:
-                self._start_rows(r, prompt, features)
+                self._start_rows(r, key, prompt)
             except Exception as e:
+                self.executor.call("forget", key)
                 self._finish_request(r, "error", e)
 
-    def _run_prompt(
-        self, request: Request, prompt: Prompt, features: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """Run the prompt's uncached part straight into the next free row, after its cached blocks; give each
-        further choice a copy of the row and of its state; keep the prompt's blocks. Returns the last
-        logits (1, V)."""
-        row, ids = self.scheduler.running, prompt.ids
-        L = ids.shape[1]
-        start = self.cache.load_prefix(row, prompt)
-        images = self.model.prompt_images(prompt.plan, start, self.cache.needed_features(prompt, features))
-        pos = torch.arange(start, L, device=ids.device)
-        logits, state = self.model.prefill(
-            ids[:, start:],
-            images=images,
-            attention_mask=None,
-            position_ids=pos[None],
-            at=CacheSlots(pos, key_len=L, row=row),
-            kv_caches=self.cache.map,
+    def _start_rows(self, request: Request, key: int, prompt: Prompt) -> None:
+        """Run the prompt's uncached part straight into the next free row (its cached blocks copied in first),
+        give each further choice a copy of the row and of its state, and choose every choice's first token."""
+        logits, request.cached_tokens = self.executor.call(
+            "run_prompt", key, self.scheduler.running, request.params.n
         )
-        n = request.params.n
-        for j in range(1, n):
-            self.cache.copy_row(row, row + j, L)
-        self.states.join(row, n, state)
-        self.cache.keep(row, prompt.hashes)
-        self.prefix.hit_tokens += start
-        request.cached_tokens = start
-        return logits
-
-    def _start_rows(self, request: Request, prompt: Prompt, features: dict[str, torch.Tensor]) -> None:
-        logits = self._run_prompt(request, prompt, features)
         config = request.config
         request.open_rows = request.params.n
         seed = request.params.seed
@@ -262,6 +226,7 @@ class Engine:
                 stops=StopStrings(request.params.stop),
                 generator=gen,
                 prompt=prompt,
+                key=key,
             )
             self.scheduler.rows.append(row)
             take(row, logits[0], self._end_row)
@@ -274,30 +239,18 @@ class Engine:
         row.finished = True
         if keep:
             index = next(i for i, x in enumerate(self.scheduler.rows) if x is row)
-            sequence = row.sequence[0, : row.length].tolist()
-            self.cache.keep(index, self.cache.row_hashes(row.prompt, sequence))
+            self.executor.call("keep", index, row.key, row.sequence[0, : row.length].tolist())
         req = row.request
         req.emit(Event(row.index, finish_reason=reason, error=error))
         req.open_rows -= 1
         if req.open_rows == 0:
+            self.executor.call("forget", row.key)
             req.done.set()
 
     def _step(self) -> None:
         """One decode step for every running row with a pending token."""
         rows = self.scheduler.rows
-        n, device = len(rows), self.cache.device
-        tokens = torch.tensor([[r.pending] for r in rows], device=device)
-        lengths = torch.tensor([r.length for r in rows], device=device)
-        key_len = int(lengths.max()) + 1
-        mask = (torch.arange(key_len, device=device)[None, :] <= lengths[:, None]).long()  # (n, key_len)
-        logits = self.model.decode(
-            tokens,
-            attention_mask=mask,
-            position_ids=lengths[:, None],
-            at=CacheSlots(torch.tensor([key_len - 1], device=device), key_len=key_len, slots=lengths),
-            kv_caches=self.cache.map,
-            state=self.states.view(n),
-        )
+        logits = self.executor.call("decode", [r.pending for r in rows], [r.length for r in rows])
         self.steps += 1
         now = time.monotonic()
         for i, row in enumerate(rows):
@@ -311,9 +264,9 @@ class Engine:
                 take(row, logits[i], self._end_row)
 
     def _compact(self) -> None:
-        for old, new in self.scheduler.compact():
-            self.cache.copy_row(old, new, self.scheduler.rows[new].length + 1)
-            self.states.move(old, new)
+        moves = [(old, new, self.scheduler.rows[new].length + 1) for old, new in self.scheduler.compact()]
+        if moves:
+            self.executor.call("compact", moves)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -340,6 +293,7 @@ class Engine:
                         continue
                 if self.scheduler.waiting.empty():
                     if self._stop.is_set():
+                        self.executor.close()
                         return
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -350,4 +304,5 @@ class Engine:
                 if not r.finished:
                     log.error("request %s failed: engine failure", r.request.id or "-")
                     self._end_row(r, "error", self.error, keep=False)
+            self.executor.close()
             raise

@@ -39,6 +39,7 @@ class Row:
     stops: StopStrings
     generator: torch.Generator | None
     prompt: Any = None  # vlmkit.serve.cache.Prompt
+    key: int = -1  # the prompt's key in the engine's executor
     text: str = ""
     generated: int = 0
     pending: int | None = None  # the token sampled but not yet run through the model

@@ -340,9 +340,11 @@ def serve(
     quantize: str | None = None,
     group_size: int | None = None,
     quantize_parts: Sequence[str] = (),
+    tp: int = 1,
 ) -> None:
-    """Load `model` (quantized: see `vlmkit.load_model`) and serve it until SIGINT/SIGTERM; in-flight requests finish first (up to
-    `server.drain_seconds`).
+    """Load `model` (quantized: see `vlmkit.load_model`) and serve it until SIGINT/SIGTERM; in-flight requests
+    finish first (up to `server.drain_seconds`). tp: the model split over this many processes, each running
+    this call under torchrun: rank 0 serves HTTP and schedules, every process runs the same model steps.
 
         serve("demo", engine=EngineConfig(max_batch=8), server=ServerConfig(port=8123))
     """
@@ -350,6 +352,8 @@ def serve(
 
     import uvicorn
 
+    from vlmkit.serve.executor import Executor
+    from vlmkit.tensor_parallel import is_main_process
     from vlmkit.vlm import VLM
 
     engine_config, server_config = engine or EngineConfig(), server or ServerConfig()
@@ -357,12 +361,22 @@ def serve(
         model,
         dtype=dtype,
         device=device,
-        progress=True,
+        progress=is_main_process(),
         batched=engine_config.max_batch > 1,
         quantize=quantize,
         group_size=group_size,
         quantize_parts=quantize_parts,
+        tp=tp,
     )
+    if not is_main_process():  # a part of a split model: run rank 0's engine calls until it stops
+        import signal
+
+        # SIGTERM/SIGINT reach every process under torchrun: rank 0 drains its requests (which need us)
+        # and then releases us, so here they are ignored
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        Executor(vlm.model, engine_config).follow()
+        return
     running = Engine(vlm.model, vlm.tokenizer, engine_config).start()
     app = create_app(vlm, running, model_name=model, config=server_config)
     drain = server_config.drain_seconds
