@@ -283,34 +283,37 @@ def test_convert_quantize_round_trip(llava, tmp_path, capsys):
         AutoModelForImageTextToText.from_pretrained(out)
 
 
+IDEFICS_80B = {  # the published idefics-80b config.json, in its sizes
+    "model_type": "idefics",
+    "vocab_size": 32000,
+    "additional_vocab_size": 2,
+    "hidden_size": 8192,
+    "intermediate_size": 22016,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "cross_layer_interval": 4,
+    "qk_layer_norms": True,
+    "use_resampler": True,
+    "dtype": "bfloat16",
+    "vision_config": {
+        "embed_dim": 1280,
+        "image_size": 224,
+        "intermediate_size": 5120,
+        "patch_size": 14,
+        "num_attention_heads": 16,
+        "num_hidden_layers": 32,
+    },
+    "perceiver_config": {
+        "resampler_depth": 6,
+        "resampler_head_dim": 96,
+        "resampler_n_heads": 16,
+        "resampler_n_latents": 64,
+    },
+}
+
+
 def test_memory_plan_shows_idefics_80b_in_int4_fits_one_80gb_gpu(tmp_path):
-    config = {  # the published idefics-80b config.json, in its sizes
-        "model_type": "idefics",
-        "vocab_size": 32000,
-        "additional_vocab_size": 2,
-        "hidden_size": 8192,
-        "intermediate_size": 22016,
-        "num_hidden_layers": 80,
-        "num_attention_heads": 64,
-        "cross_layer_interval": 4,
-        "qk_layer_norms": True,
-        "use_resampler": True,
-        "dtype": "bfloat16",
-        "vision_config": {
-            "embed_dim": 1280,
-            "image_size": 224,
-            "intermediate_size": 5120,
-            "patch_size": 14,
-            "num_attention_heads": 16,
-            "num_hidden_layers": 32,
-        },
-        "perceiver_config": {
-            "resampler_depth": 6,
-            "resampler_head_dim": 96,
-            "resampler_n_heads": 16,
-            "resampler_n_latents": 64,
-        },
-    }
+    config = IDEFICS_80B  # the published idefics-80b config.json, in its sizes
     (tmp_path / "config.json").write_text(json.dumps(config))
     full = memory_plan(tmp_path, length=2048)
     int4 = memory_plan(tmp_path, quantize="int4", length=2048)

@@ -278,12 +278,12 @@ def load_model(
     stored = stored_quantization(raw, str(folder / "config.json"))
     requested = parse_quantize(quantize, group_size=group_size, parts=quantize_parts)
     quantization = resolve(requested, stored, str(folder))
-    tensors = remap_keys(read_tensors(weight_files(folder)), family.key_map, family.ignore)
-    dtype = parse_dtype(dtype) or checkpoint_dtype(tensors, raw)
     with torch.device("meta"):
         model = family.model_cls(config)
-    if tp != 1:
+    if tp != 1:  # a process count the heads do not divide fails here, before any file is opened
         device = split_over_processes(model, family, tp, quantization, device, str(folder))
+    tensors = remap_keys(read_tensors(weight_files(folder)), family.key_map, family.ignore)
+    dtype = parse_dtype(dtype) or checkpoint_dtype(tensors, raw)
     if quantization is not None:
         load_quantized(
             model,
