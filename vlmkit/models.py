@@ -297,6 +297,10 @@ def load_model(
         )
     model.quantization = quantization  # what `save_pretrained` records in config.json
     load_weights(model, tensors, dtype=dtype, device=device, source=str(folder), progress=progress)
+    if tp != 1:
+        from vlmkit.tensor_parallel import localize
+
+        localize(model)
     del tensors  # the model holds the tensors now; relayout below must not keep a second copy alive
     if inference and tp == 1 and next(model.parameters()).device.type == "cpu":
         optimize_for_cpu_inference(model, batched=batched)

@@ -1,15 +1,19 @@
 """Tensor parallelism with torch.distributed: one model split over N processes, each holding 1/N of the
 language model's weights and of its KV cache.
 
-The split is Megatron's, expressed with PyTorch's own styles (`torch.distributed.tensor.parallel`): in every
-attention block q/k/v are split by output (whole heads per process) and o by input, in every MLP gate/up by
-output and down by input, so each block needs one all-reduce; the token embedding and the LM head are split
-over the vocabulary. IDEFICS's gated cross-attention blocks are split the same way. The vision tower, the
+The split is Megatron's: in every attention block q/k/v are split by output (whole heads per process) and o
+by input, in every MLP gate/up by output and down by input, so each block needs one all-reduce; the token
+embedding and the LM head are split over the vocabulary (a masked lookup summed over the processes, and
+logits gathered). IDEFICS's gated cross-attention blocks are split the same way. The vision tower, the
 resampler and the projector stay whole on every process (a few percent of the weights).
 
-A family says where its blocks are in a `TensorParallelPlan` (data in the registry); `parallelize` applies
-it to a model still on the meta device, and `vlmkit.weights.load_weights` then reads each process's part of
-each tensor straight from the memory-mapped file (`shard_range`), so no process ever holds the whole model.
+A family says where its blocks are in a `TensorParallelPlan` (data in the registry). `parallelize` turns the
+split parameters of a model still on the meta device into DTensors (`Shard(dim)` over the process mesh), so
+`vlmkit.weights.load_weights` checks every tensor against its whole shape and then reads only this
+process's part of it from the memory-mapped file (`shard_range`): no process ever holds the whole model.
+`localize` then keeps each process's part as a plain tensor, and the split layers talk through
+`torch.distributed` collectives themselves: running the forward on DTensors costs about 6 ms of dispatch per
+decoder layer and token on a CPU (measured, `benchmarks/distributed.py`), more than the layer's arithmetic.
 """
 
 from __future__ import annotations
@@ -19,43 +23,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import (
-    ColwiseParallel,
-    ParallelStyle,
-    RowwiseParallel,
-    parallelize_module,
-)
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from vlmkit.models import TensorParallelPlan
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split by output features
 ROW = ("o_proj", "down_proj")  # split by input features, then summed over the processes
-
-
-class VocabShard(ParallelStyle):
-    """Splits a module's `weight` (vocab, dim) over the vocabulary, for token tables that are neither
-    nn.Embedding nor nn.Linear (IDEFICS's decoupled embedding and LM head, whose extra rows stay whole).
-    The module's forward runs on DTensors (its input made a replicated DTensor) and its output is made whole
-    again; DTensor's own rules do the masked lookup, the partial sums and the gather."""
-
-    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        def partition(name: str, sub: nn.Module, mesh: DeviceMesh) -> None:
-            if sub is module:
-                weight = sub.weight
-                sub.weight = nn.Parameter(
-                    distribute_tensor(weight, mesh, [Shard(0)]), requires_grad=weight.requires_grad
-                )
-
-        def inputs(mod: nn.Module, args: tuple[Any, ...], mesh: DeviceMesh) -> tuple[Any, ...]:
-            return tuple(DTensor.from_local(a, mesh, [Replicate()], run_check=False) for a in args)
-
-        def output(mod: nn.Module, out: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
-            return out.redistribute(mesh, [Replicate()]).to_local()
-
-        return distribute_module(module, device_mesh, partition, inputs, output)
 
 
 def split_modules(model: nn.Module, plan: TensorParallelPlan) -> dict[str, str]:
@@ -83,24 +59,6 @@ def split_parameters(model: nn.Module, plan: TensorParallelPlan) -> dict[str, in
             if name == "weight" or (name == "bias" and kind == "column"):
                 out[f"{path}.{name}"] = dims[kind] if name == "weight" else 0
     return out
-
-
-def tp_styles(model: nn.Module, plan: TensorParallelPlan) -> dict[str, ParallelStyle]:
-    """{module path: PyTorch parallel style} for `split_modules`."""
-    styles: dict[str, ParallelStyle] = {}
-    for path, kind in split_modules(model, plan).items():
-        module = model.get_submodule(path)
-        if kind == "column":
-            styles[path] = ColwiseParallel()
-        elif kind == "row":
-            styles[path] = RowwiseParallel()
-        elif type(module) is nn.Embedding:
-            styles[path] = RowwiseParallel(input_layouts=Replicate())
-        elif type(module) is nn.Linear:
-            styles[path] = ColwiseParallel(output_layouts=Replicate())
-        else:
-            styles[path] = VocabShard()
-    return styles
 
 
 def attention_modules(model: nn.Module, plan: TensorParallelPlan) -> list[nn.Module]:
@@ -136,18 +94,124 @@ def check_tp_size(model: nn.Module, plan: TensorParallelPlan, tp: int, source: s
 
 
 def parallelize(model: nn.Module, plan: TensorParallelPlan, mesh: DeviceMesh) -> nn.Module:
-    """Split `model` (best still on the meta device) over `mesh` in place: attention and MLP blocks, vocab
-    tables; each attention module's head counts become this process's share, so its KV cache holds only
-    its own heads."""
+    """Split `model` (on the meta device, before loading) over `mesh` in place: its split parameters become
+    DTensors sharded over the processes, its split layers run on their parts (see `localize`), and each
+    attention module's head counts become this process's share, so its KV cache holds only its own heads."""
     tp = mesh.size()
     check_tp_size(model, plan, tp, type(model).__name__)
-    parallelize_module(model, mesh, tp_styles(model, plan))
+    for name, dim in split_parameters(model, plan).items():
+        owner, _, leaf = name.rpartition(".")
+        module, param = model.get_submodule(owner), model.get_parameter(name)
+        split = nn.Parameter(distribute_tensor(param, mesh, [Shard(dim)]), requires_grad=param.requires_grad)
+        setattr(module, leaf, split)
+    group = mesh.get_group()
+    for path, kind in split_modules(model, plan).items():
+        split_layer(model.get_submodule(path), kind, group)
     for attn in attention_modules(model, plan):
         attn.n_heads //= tp
         if hasattr(attn, "n_kv_heads"):
             attn.n_kv_heads //= tp
     model.tp_mesh = mesh
     return model
+
+
+def localize(model: nn.Module) -> None:
+    """After loading: keep each split parameter's part on this process as a plain tensor."""
+    for module in model.modules():
+        for leaf, param in list(module.named_parameters(recurse=False)):
+            if isinstance(param, DTensor):
+                setattr(module, leaf, nn.Parameter(param.to_local(), requires_grad=param.requires_grad))
+
+
+# ---------------------------------------------------------------------------------------------
+# The split layers: plain tensors, explicit collectives
+# ---------------------------------------------------------------------------------------------
+
+
+def row_start(total: int, group: Any) -> int:
+    """The first row of this process's part of `total` rows (DTensor's chunking, as `shard_range`)."""
+    chunk = -(-total // dist.get_world_size(group))
+    return min(total, chunk * dist.get_rank(group))
+
+
+def split_lookup(ids: torch.Tensor, weight: torch.Tensor, *, start: int, group: Any) -> torch.Tensor:
+    """Rows `ids` of a table split by row over the processes (`weight`: rows start.. of it here): each
+    process looks up the ids it holds, zeros for the others, and the sum over the processes is the lookup."""
+    inside = (ids >= start) & (ids < start + weight.shape[0])
+    out = F.embedding((ids - start).masked_fill(~inside, 0), weight).masked_fill(~inside[..., None], 0.0)
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def gathered_logits(x: torch.Tensor, weight: torch.Tensor, *, total: int, group: Any) -> torch.Tensor:
+    """x @ weight.T over a weight split by output row: each process's columns, gathered in order (parts of
+    uneven length padded to the longest for the gather, cut after)."""
+    local = F.linear(x, weight)
+    chunk = -(-total // dist.get_world_size(group))
+    if local.shape[-1] < chunk:
+        local = F.pad(local, (0, chunk - local.shape[-1]))
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)[..., :total]
+
+
+class RowSplitLinear(nn.Linear):
+    """A linear layer holding some input features: the partial products are summed over the processes,
+    then the (whole) bias is added once."""
+
+    tp_group: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        dist.all_reduce(y, group=self.tp_group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabSplitEmbedding(nn.Embedding):
+    tp_group: Any = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        start = row_start(self.num_embeddings, self.tp_group)
+        return split_lookup(ids, self.weight, start=start, group=self.tp_group)
+
+
+class VocabSplitLinear(nn.Linear):
+    tp_group: Any = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gathered_logits(x, self.weight, total=self.out_features, group=self.tp_group)
+
+
+def split_layer(module: nn.Module, kind: str, group: Any) -> None:
+    """Make `module` run on its part: a column-split linear needs nothing (its input is whole, its output
+    this process's features); a row-split linear sums over the processes; a vocabulary table looks up or
+    gathers. A table that is neither nn.Embedding nor nn.Linear (IDEFICS's decoupled ones) offers the seam
+    `embedding_fn` or `linear_fn` for its base rows."""
+    if kind == "column":
+        return
+    if kind == "row" and type(module) is nn.Linear:
+        module.__class__ = RowSplitLinear
+    elif type(module) is nn.Embedding:
+        module.__class__ = VocabSplitEmbedding
+    elif type(module) is nn.Linear:
+        module.__class__ = VocabSplitLinear
+    elif hasattr(module, "embedding_fn"):
+        total = module.weight.shape[0]
+
+        def lookup(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return split_lookup(ids, weight, start=row_start(total, group), group=group)
+
+        module.embedding_fn = lookup
+    elif hasattr(module, "linear_fn"):
+        total = module.weight.shape[0]
+
+        def logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return gathered_logits(x, weight, total=total, group=group)
+
+        module.linear_fn = logits
+    else:
+        raise TypeError(f"cannot split {type(module).__name__} ({kind}): no nn.Linear/nn.Embedding or seam")
+    module.tp_group = group
 
 
 def process_mesh(tp: int, device: torch.device) -> DeviceMesh:

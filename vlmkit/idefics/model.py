@@ -40,6 +40,8 @@ class DecoupledEmbedding(nn.Module):
     """The base token table (`weight`) plus `additional_embedding` rows for ids >= num_embeddings, so the new
     tokens can train while the base table stays frozen."""
 
+    embedding_fn = staticmethod(F.embedding)  # split over processes, it looks up its part (tensor_parallel)
+
     def __init__(self, num_embeddings: int, num_additional: int, dim: int) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
@@ -49,9 +51,9 @@ class DecoupledEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "additional_embedding"):
-            return F.embedding(input_ids, self.weight)
+            return self.embedding_fn(input_ids, self.weight)
         extra = input_ids >= self.num_embeddings
-        base = F.embedding(input_ids.masked_fill(extra, 0), self.weight)
+        base = self.embedding_fn(input_ids.masked_fill(extra, 0), self.weight)
         added = self.additional_embedding((input_ids - self.num_embeddings).clamp(min=0))
         return torch.where(extra[..., None], added, base)
 
