@@ -88,6 +88,23 @@ def merge_lora_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def export_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-checkpoint",
+        help="turn a sharded --fsdp training checkpoint into a full one (safetensors, or the LoRA adapter)",
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint-N folder of a finetune --fsdp run")
+    p.add_argument("--output-dir", required=True)
+
+    def run(args: argparse.Namespace) -> int:
+        from vlmkit.train.fsdp import export_checkpoint
+
+        print(f"exported to {export_checkpoint(args.checkpoint, args.output_dir)}")
+        return 0
+
+    p.set_defaults(run=run)
+
+
 def quantize_arguments(p: argparse.ArgumentParser) -> None:
     from vlmkit.quant import DEFAULT_GROUP_SIZE, GROUP_SIZES
 
@@ -560,6 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info_parser,
         convert_parser,
         finetune_parser,
+        export_checkpoint_parser,
         merge_lora_parser,
         bench_parser,
         serve_parser,

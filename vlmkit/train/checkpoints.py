@@ -1,5 +1,6 @@
 """Training checkpoints that survive a kill: weights (or a peft adapter), optimizer, scheduler, RNG state and
 data position, with the processor files beside them, written to a temporary folder and renamed into place.
+(With --fsdp the weights and optimizer state are sharded instead: vlmkit.train.fsdp.)
 """
 
 from __future__ import annotations
@@ -47,18 +48,40 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             **state,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "rng": rng_state(),
         }
         torch.save(trainer, tmp / "trainer_state.pt")
-        for path in tmp.iterdir():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        publish(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def publish(tmp: Path, folder: Path) -> None:
+    """Put a finished temporary folder in the place of `folder`: fsync its files, replace any old `folder`,
+    rename, and fsync the parent so the rename itself survives a crash."""
+    for path in tmp.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    fd = os.open(folder.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random number generators (torch CPU and Python), as `restore_rng` takes them back."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    random.setstate(state["python"])
 
 
 def copy_processor_files(src: Path | None, dst: Path) -> None:
@@ -78,6 +101,12 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def is_sharded(ckpt: Path) -> bool:
+    """Whether `ckpt` was written by `vlmkit.train.fsdp.save_sharded` (torch.distributed.checkpoint's
+    .metadata, written after every shard) rather than `save_checkpoint`."""
+    return (ckpt / ".metadata").is_file()
+
+
 def restore_checkpoint(
     ckpt: Path,
     model: nn.Module,
@@ -89,6 +118,8 @@ def restore_checkpoint(
 ) -> tuple[int, list[float]]:
     """Load what `save_checkpoint` wrote back into the model (the adapter with lora), optimizer, scheduler
     and RNGs; returns the step and the losses so far."""
+    if is_sharded(ckpt):
+        raise ValueError(f"{ckpt} is a sharded checkpoint (written with --fsdp): resume it with --fsdp")
     state = torch.load(ckpt / "trainer_state.pt", map_location=device, weights_only=True)
     if lora:
         from peft import set_peft_model_state_dict
@@ -104,6 +135,5 @@ def restore_checkpoint(
                     own[name].copy_(ref.load(device=device))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"].cpu())
-    random.setstate(state["rng"]["python"])
+    restore_rng(state["rng"])
     return int(state["step"]), list(state["losses"])

@@ -2,9 +2,10 @@
 
 `finetune(FinetuneConfig(...))` is the whole job; `vlmkit finetune` is the same from the command line, and
 the same command under `torchrun --nproc_per_node=N` trains with DistributedDataParallel (gloo on CPU, nccl
-on GPU). The loss of a step is the sum of token losses over the whole global batch (every process, every
-accumulation micro-batch) divided by its number of labelled tokens, so one process and N processes on the
-same global batch compute the same loss.
+on GPU), or, with fsdp=True, shards parameters, gradients and optimizer state over the processes (FSDP2:
+vlmkit.train.fsdp; one plain process is then a group of one). The loss of a step is the sum of token
+losses over the whole global batch (every process, every accumulation micro-batch) divided by its number
+of labelled tokens, so one process and N processes on the same global batch compute the same loss.
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ from vlmkit.train.checkpoints import (
     save_checkpoint,
 )
 from vlmkit.train.data import DataReport, Sample, collate, load_conversations
+from vlmkit.train.fsdp import (
+    check_same_parts_run,
+    export_pretrained,
+    join_process_group,
+    no_gradient_sync,
+    restore_sharded,
+    save_sharded,
+    shard_model,
+)
 from vlmkit.weights import read_config_file
 
 TRAIN_MODES = ("config", "projector", "lora", "full")
@@ -67,6 +77,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     max_length: int = 2048
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # FSDP2: shard over the processes (under torchrun; alone, a group of one)
     bf16: bool | None = None  # None: autocast to bf16 where the hardware runs it fast (CUDA with bf16)
     seed: int = 0
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
@@ -88,6 +99,13 @@ class FinetuneConfig:
             raise ValueError(
                 f"quantize={self.quantize!r} trains LoRA adapters on a frozen quantized checkpoint (QLoRA): it "
                 f"needs train='lora' and model= (got train={self.train!r}, model={self.model!r})"
+            )
+        if self.fsdp and self.quantize is not None:
+            raise ValueError(
+                f"fsdp shards parameters, and a quantized base (quantize={self.quantize!r}, QLoRA) keeps its "
+                "weights as packed integer buffers that fully_shard neither shards nor gathers, nor do its "
+                "sharded checkpoints hold them: train QLoRA without fsdp (DDP), or LoRA with fsdp on an "
+                "unquantized base"
             )
         if self.on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {self.on_bad_sample!r}")
@@ -224,9 +242,9 @@ def merge_lora(
 
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     config.validate()
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or config.fsdp
     if distributed and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        join_process_group()
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     device = (
@@ -255,7 +273,7 @@ class Job:
     eval_samples: list[Sample]
     report: DataReport
     model: nn.Module
-    train_model: nn.Module  # the model, or its DistributedDataParallel wrapper
+    train_model: nn.Module  # the model (sharded in place with fsdp), or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     scheduler: Any
     params: list[nn.Parameter]
@@ -290,7 +308,9 @@ def _train(
             dist.barrier()
     if bar is not None:
         bar.close()
-    if rank == 0:
+    if config.fsdp:
+        export_pretrained(job.model, job.output_dir / "final", job.processor_dir)
+    elif rank == 0:
         _save(job, job.output_dir / "final")
     return FinetuneResult(
         steps=job.step, losses=job.losses, output_dir=str(job.output_dir), data_summary=job.report.summary()
@@ -342,6 +362,8 @@ def _prepare(config: FinetuneConfig, rank: int, world: int, device: torch.device
     processor_dir = resolve_model(config.processor or config.model)
     processor = load_processor(processor_dir)
     samples, eval_samples, report = _load_data(config, processor, rank)
+    if config.fsdp and world > 1:
+        check_same_parts_run(samples)
     model = _build_model(config, device)
     pad_id = processor.tokenizer.pad_token_id
     autocast = (
@@ -351,6 +373,8 @@ def _prepare(config: FinetuneConfig, rank: int, world: int, device: torch.device
     steps_per_epoch = max(1, len(samples) // global_batch)
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     groups = param_groups(model, config)
+    if config.fsdp:
+        groups = shard_model(model, groups, device=device, bf16=autocast)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -358,14 +382,19 @@ def _prepare(config: FinetuneConfig, rank: int, world: int, device: torch.device
     )
     step, losses = 0, []
     if config.resume and (ckpt := latest_checkpoint(Path(config.output_dir))) is not None:
-        step, losses = restore_checkpoint(
-            ckpt, model, optimizer, scheduler, lora=config.train == "lora", device=device
-        )
+        if config.fsdp:
+            step, losses = restore_sharded(ckpt, model, optimizer, scheduler)
+        else:
+            step, losses = restore_checkpoint(
+                ckpt, model, optimizer, scheduler, lora=config.train == "lora", device=device
+            )
         if rank == 0:
             print(f"resumed from {ckpt} at step {step}", flush=True)
     # parts of a model can sit out a step (tower layers past the deepest tap, the tower on text-only rows)
     train_model = (
-        nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
+        nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        if distributed and not config.fsdp
+        else model
     )
     return Job(
         config=config,
@@ -415,15 +444,16 @@ def _step(job: Job) -> dict[str, Any]:
     loss_sum = torch.zeros((), device=job.device)
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        sync = job.train_model.no_sync() if job.distributed and not last else nullcontext()
-        with sync:
+        with nullcontext() if last else _no_sync(job):
             part, _ = batch_loss_sum(job.train_model, batch, job.autocast)
-            (part * job.world / denom).backward()  # DDP averages gradients over the world
+            (part * job.world / denom).backward()  # DDP and FSDP average gradients over the world
         loss_sum += part.detach().float()
     if job.distributed:
         dist.all_reduce(loss_sum)
+    # the norm before clipping; with fsdp the gradients are DTensor shards and it is the whole model's
+    grad_norm = None
     if job.config.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(job.params, job.config.max_grad_norm)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(job.params, job.config.max_grad_norm))
     job.optimizer.step()
     job.scheduler.step()
     job.optimizer.zero_grad(set_to_none=True)
@@ -434,32 +464,43 @@ def _step(job: Job) -> dict[str, Any]:
     return {
         "step": job.step,
         "loss": loss,
+        "grad_norm": grad_norm,
         "lr": job.scheduler.get_last_lr()[0],
         "tokens_per_s": tokens / (time.perf_counter() - started),
     }
 
 
+def _no_sync(job: Job) -> Any:
+    """The context for an accumulation micro-batch whose gradients stay on this process."""
+    if not job.distributed:
+        return nullcontext()
+    return no_gradient_sync(job.train_model) if job.config.fsdp else job.train_model.no_sync()
+
+
 def _after_step(job: Job, record: dict[str, Any], bar: Any) -> None:
-    """Evaluation when it is due; on rank 0, the metrics line, the progress bar and a checkpoint when due."""
+    """Evaluation when it is due; on rank 0, the metrics line and the progress bar; a checkpoint when due."""
     config, step = job.config, job.step
     if job.eval_samples and config.eval_every and (step % config.eval_every == 0 or step == job.total_steps):
         record["eval_loss"] = evaluate(
             job.model, job.eval_samples, job.pad_id, config.batch_size, job.device, job.autocast
         )
-    if job.rank != 0:
-        return
-    with open(job.output_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if bar is not None:
-        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        bar.update(1)
+    if job.rank == 0:
+        with open(job.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
     if (config.save_every and step % config.save_every == 0) or step == job.total_steps:
         _save(job, job.output_dir / f"checkpoint-{step}")
 
 
 def _save(job: Job, folder: Path) -> None:
+    """A training checkpoint: sharded, by every process, with fsdp; else whole, by rank 0."""
     state = {"step": job.step, "losses": job.losses, "config": asdict(job.config)}
-    save_checkpoint(folder, job.model, job.optimizer, job.scheduler, state, job.processor_dir)
+    if job.config.fsdp:
+        save_sharded(folder, job.model, job.optimizer, job.scheduler, state, job.processor_dir)
+    elif job.rank == 0:
+        save_checkpoint(folder, job.model, job.optimizer, job.scheduler, state, job.processor_dir)
 
 
 @torch.no_grad()
