@@ -93,6 +93,15 @@ def time_collectives(model: Any, batches: list[int], repeats: int = 200) -> dict
     return out
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident set (VmHWM). Not getrusage's ru_maxrss: a child forked from a big parent
+    (the one that built the checkpoint) inherits the parent's high-water mark there."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
 def worker(folder: str, threads: int, batches: list[int], new_tokens: int) -> None:
     torch.set_num_threads(threads)
     import vlmkit
@@ -110,7 +119,7 @@ def worker(folder: str, threads: int, batches: list[int], new_tokens: int) -> No
     if tp > 1:
         result |= time_collectives(model, batches)
         result["collectives_per_step"] = 2 * model.config.text_config.num_hidden_layers + 1  # + 1 gather
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    result["peak_rss_gb"] = peak_rss_gb()
     import torch.distributed as dist
 
     if tp > 1:
