@@ -219,6 +219,8 @@ def process_mesh(tp: int, device: torch.device) -> DeviceMesh:
     when none is running yet)."""
     if not dist.is_available():
         raise RuntimeError("tensor parallelism needs torch.distributed, which this PyTorch build lacks")
+    if device.type == "cuda":  # NCCL's collectives (and broadcast_object_list) run on the current device
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
             raise RuntimeError(
