@@ -71,6 +71,7 @@ def main(out: str, folders: list[str]) -> None:
         results[folder]["rank_bytes"] = torch.tensor(sizes)
     if dist.get_rank() == 0:
         torch.save(results, out)
+    dist.barrier()  # leave together: a process tearing gloo down while its peer still talks may abort
     dist.destroy_process_group()
 
 

@@ -584,23 +584,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         add(sub)
     args = parser.parse_args(argv)
+    finished = False
     try:
-        return args.run(args)
+        code = args.run(args)
+        finished = True
+        return code
     except Exception as e:  # one readable line instead of a traceback, unless asked for
         if args.debug:
             raise
         print(f"vlmkit {args.command}: error: {e} (--debug shows the traceback)", file=sys.stderr)
         return 2
     finally:
-        end_process_group()
+        end_process_group(together=finished)
 
 
-def end_process_group() -> None:
-    """Leave the process group a split model (tp) or a training run started, if one is still up."""
+def end_process_group(*, together: bool) -> None:
+    """Leave the process group a split model (tp) or a training run started, if one is still up; together:
+    wait for every process first (one tearing gloo down while a peer still talks to it may abort), which
+    only a process that finished its work may do (a failed peer would never arrive)."""
     if "torch.distributed" in sys.modules:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
+            if together:
+                dist.barrier()
             dist.destroy_process_group()
 
 
