@@ -48,6 +48,10 @@ class GenerationConfig:
     pad_token_id: int | None = None
     bad_words_ids: list[list[int]] | None = None
     stop_strings: list[str] | None = None
+    # OpenAI's, applied to the raw logits first (off by default, so `generate` stays the reference's):
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    logit_bias: dict[int, float] | None = None  # added to the logits of these token ids
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -88,6 +92,18 @@ class GenerationConfig:
             )
         ):
             bad("bad_words_ids must be a list of non-empty lists of token ids")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                bad(f"{name} must be a number in [-2, 2], got {value!r}")
+        if self.logit_bias is not None and (
+            not isinstance(self.logit_bias, dict)
+            or not all(
+                isinstance(k, int) and k >= 0 and isinstance(v, (int, float)) and -100 <= v <= 100
+                for k, v in self.logit_bias.items()
+            )
+        ):
+            bad("logit_bias must map token ids (integers >= 0) to biases in [-100, 100]")
         if self.stop_strings is not None and (
             not isinstance(self.stop_strings, list)
             or not all(isinstance(s, str) and s for s in self.stop_strings)
@@ -132,7 +148,10 @@ def process_logits(
     beams: bool = False,
 ) -> torch.Tensor:
     """The reference's processors in its order: repetition penalty, bad words, min_new_tokens; with sampling
-    also temperature, top-k, top-p. scores (B, V) fp32; sequences (B, T) hold prompt and generated tokens."""
+    also temperature, top-k, top-p. Before them, OpenAI's presence and frequency penalties (counted over the
+    `new_tokens` generated) and logit bias, when set. scores (B, V) fp32; sequences (B, T) hold prompt and
+    generated tokens."""
+    scores = openai_adjustments(scores, sequences, config, new_tokens)
     if config.repetition_penalty != 1.0:
         seen = torch.gather(scores, 1, sequences)
         seen = torch.where(seen < 0, seen * config.repetition_penalty, seen / config.repetition_penalty)
@@ -156,6 +175,33 @@ def process_logits(
             drop = cumulative <= (1 - config.top_p)
             drop[..., -keep:] = False
             scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return scores
+
+
+def openai_adjustments(
+    scores: torch.Tensor, sequences: torch.Tensor, config: GenerationConfig, new_tokens: int
+) -> torch.Tensor:
+    """scores - frequency_penalty * count - presence_penalty * (count > 0) over the generated tokens, plus
+    logit_bias, as the OpenAI API defines them."""
+    if (config.presence_penalty or config.frequency_penalty) and new_tokens:
+        generated = sequences[:, sequences.shape[1] - new_tokens :]
+        counts = torch.zeros_like(scores).scatter_add_(
+            1, generated, torch.ones_like(generated, dtype=scores.dtype)
+        )
+        scores = (
+            scores
+            - config.frequency_penalty * counts
+            - config.presence_penalty * (counts > 0).to(scores.dtype)
+        )
+    if config.logit_bias:
+        ids = torch.tensor(list(config.logit_bias), device=scores.device)
+        if int(ids.max()) >= scores.shape[-1]:
+            raise ValueError(
+                f"logit_bias names token id {int(ids.max())}, outside the vocabulary of {scores.shape[-1]} tokens"
+            )
+        bias = torch.tensor(list(config.logit_bias.values()), dtype=scores.dtype, device=scores.device)
+        scores = scores.clone()
+        scores[:, ids] += bias
     return scores
 
 

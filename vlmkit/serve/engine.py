@@ -64,6 +64,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # None: off; k >= 0: each token's log-probability and its k best alternatives
 
     def generate_kwargs(self) -> dict[str, Any]:
         sampling = self.temperature > 0
@@ -75,6 +79,9 @@ class SamplingParams:
             top_p=self.top_p,
             repetition_penalty=self.repetition_penalty,
             stop_strings=list(self.stop) or None,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=self.logit_bias or None,
         )
 
 
@@ -227,6 +234,7 @@ class Engine:
                 generator=gen,
                 prompt=prompt,
                 key=key,
+                logprobs=request.params.logprobs,
             )
             self.scheduler.rows.append(row)
             take(row, logits[0], self._end_row)
@@ -241,7 +249,8 @@ class Engine:
             index = next(i for i, x in enumerate(self.scheduler.rows) if x is row)
             self.executor.call("keep", index, row.key, row.sequence[0, : row.length].tolist())
         req = row.request
-        req.emit(Event(row.index, finish_reason=reason, error=error))
+        req.emit(Event(row.index, finish_reason=reason, error=error, logprobs=row.held))
+        row.held = []
         req.open_rows -= 1
         if req.open_rows == 0:
             self.executor.call("forget", row.key)

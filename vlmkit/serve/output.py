@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -16,14 +16,26 @@ from vlmkit.tokenizer import IncrementalDecoder
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability and, when asked, the most likely alternatives: (token text,
+    log-probability), most likely first. Token text is the token decoded alone."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
+
+
+@dataclass
 class Event:
     """What a request hears: a text delta of choice `index`, then its end (finish_reason "stop", "length"
-    or "cancelled", or "error" with a typed `vlmkit.serve.errors.EngineError`)."""
+    or "cancelled", or "error" with a typed `vlmkit.serve.errors.EngineError`). With logprobs asked for,
+    an event carries the tokens generated since the last one (those whose text it releases)."""
 
     index: int
     text: str = ""
     finish_reason: str | None = None
     error: Exception | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -39,6 +51,8 @@ class Row:
     stops: StopStrings
     generator: torch.Generator | None
     prompt: Any = None  # vlmkit.serve.cache.Prompt
+    logprobs: int | None = None  # None: none; k: each token's log-probability and its k best alternatives
+    held: list[TokenLogprob] = field(default_factory=list)  # log-probabilities not yet sent
     key: int = -1  # the prompt's key in the engine's executor
     text: str = ""
     generated: int = 0
@@ -46,40 +60,59 @@ class Row:
     finished: bool = False
 
 
-def choose(row: Row, logits: torch.Tensor) -> int:
-    """The row's next token from its logits (V,)."""
+def choose(row: Row, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The row's next token from its logits (V,), and the scores it was drawn from (1, V): the logits after
+    penalties, bias and (when sampling) temperature, top-k and top-p."""
     scores = process_logits(logits[None].float(), row.sequence, row.config, new_tokens=row.generated)
-    return int(sample(scores, row.config, row.generator)[0])
+    return int(sample(scores, row.config, row.generator)[0]), scores
+
+
+def token_logprob(row: Row, token: int, scores: torch.Tensor) -> TokenLogprob:
+    """log_softmax of the scores the token was drawn from, for it and the row's `logprobs` best tokens."""
+    logprobs = torch.log_softmax(scores[0], dim=-1)
+    decode = row.decoder.tokenizer.decode
+    top = []
+    if row.logprobs:
+        values, ids = torch.topk(logprobs, min(row.logprobs, logprobs.shape[-1]))
+        top = [(decode([i]), v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return TokenLogprob(decode([token]), float(logprobs[token]), top)
+
+
+def emit(row: Row, text: str = "", reason: str | None = None) -> None:
+    """Send the row's text delta (or its end) with the log-probabilities held since the last event."""
+    if reason is None and not text and not row.held:
+        return
+    row.request.emit(Event(row.index, text, reason, logprobs=row.held))
+    row.held = []
 
 
 def take(row: Row, logits: torch.Tensor, end: Callable[[Row, str], None]) -> None:
     """Choose the row's next token, emit its text, and end the row (`end(row, reason)`) or leave the token
     pending (it runs through the model at the next step)."""
-    token = choose(row, logits)
+    token, scores = choose(row, logits)
     req = row.request
     if req.first_token_at is None:
         req.first_token_at = time.monotonic()
     row.generated += 1
     req.completion_tokens += 1
-    if token in row.config.eos_token_id:
+    if token in row.config.eos_token_id:  # the end of the answer, not part of it: no text, no logprob
         end(row, "stop")
         return
+    if row.logprobs is not None:
+        row.held.append(token_logprob(row, token, scores))
     row.sequence = torch.cat([row.sequence, row.sequence.new_tensor([[token]])], 1)
     delta = row.decoder.push(token)
     if delta:
         before, row.text = row.text, row.text + delta
         cut = row.stops.find(before, row.text)
         if cut is not None:
-            if cut > len(before):
-                req.emit(Event(row.index, row.text[len(before) : cut]))
+            emit(row, row.text[len(before) : cut])
             row.text = row.text[:cut]
             end(row, "stop")
             return
-        req.emit(Event(row.index, delta))
+        emit(row, delta)
     if row.generated >= row.config.max_new_tokens:
-        tail = row.decoder.flush()
-        if tail:
-            req.emit(Event(row.index, tail))
+        emit(row, row.decoder.flush())
         end(row, "length")
         return
     row.pending = token
