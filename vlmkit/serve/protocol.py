@@ -16,6 +16,7 @@ from vlmkit.serve.config import ServerConfig
 from vlmkit.serve.engine import Request as EngineRequest
 from vlmkit.serve.engine import SamplingParams
 from vlmkit.serve.errors import EngineError
+from vlmkit.serve.output import TokenLogprob
 
 
 class APIError(Exception):
@@ -60,6 +61,34 @@ class Message(BaseModel):
     content: str | list[ContentPart]
 
 
+# OpenAI request fields this server does not implement: a request that sets one gets a 400 naming it,
+# never an answer that silently ignores it
+UNSUPPORTED = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "service_tier",
+    "store",
+    "metadata",
+    "web_search_options",
+    "suffix",
+    "echo",
+    "best_of",
+)
+IGNORED = ("user",)  # an end-user id for the caller's own monitoring: no effect on an answer by definition
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
@@ -69,10 +98,46 @@ class SamplingFields(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     top_k: int = Field(default=0, ge=0)  # vLLM's extension; 0: off
     repetition_penalty: float = Field(default=1.0, gt=0)  # vLLM's extension; 1: off
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def check_fields(self, vocab_size: int) -> None:
+        """A 400 naming the first field that is unknown, unsupported or invalid together with the others."""
+        for name in self.model_extra or {}:
+            if name in IGNORED:
+                continue
+            why = (
+                "is not supported by this server" if name in UNSUPPORTED else "is not a field of this request"
+            )
+            raise APIError(400, f"{name!r} {why}", param=name)
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise APIError(
+                    400,
+                    f"logit_bias: {key!r} is not a token id of this model (0..{vocab_size - 1})",
+                    "logit_bias",
+                )
+            if not -100 <= bias <= 100:
+                raise APIError(
+                    400, f"logit_bias: {bias} for token {key} is outside [-100, 100]", "logit_bias"
+                )
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def top_alternatives(self) -> int | None:
+        """None: no log-probabilities; k: each token's and its k most likely alternatives (the request
+        kinds that offer log-probabilities say how they are asked for)."""
+        return None
 
     def params(self, max_tokens_default: int) -> SamplingParams:
         return SamplingParams(
@@ -84,15 +149,30 @@ class SamplingFields(BaseModel):
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             seed=self.seed,
             n=self.n,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()} or None,
+            logprobs=self.top_alternatives(),
         )
 
 
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def top_alternatives(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    def top_alternatives(self) -> int | None:
+        return self.logprobs
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -100,12 +180,14 @@ class CompletionRequest(SamplingFields):
 
 @dataclass
 class Reply:
-    """What every piece of one response carries: its id (chatcmpl-... or cmpl-...), model and time."""
+    """What every piece of one response carries: its id (chatcmpl-... or cmpl-...), model and time; whether
+    a stream ends with a usage chunk (and so every chunk has a "usage" key)."""
 
     chat: bool
     model: str
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    include_usage: bool = False
 
     def __post_init__(self) -> None:
         self.id = self.id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -113,21 +195,67 @@ class Reply:
     def head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def body(self, texts: list[str], reasons: list[str], job: EngineRequest) -> dict[str, Any]:
-        """The whole response: a choice per text, and the token counts."""
+    def logprobs(self, tokens: list[TokenLogprob] | None, offset: int = 0) -> dict[str, Any] | None:
+        """The OpenAI form of some tokens' log-probabilities: chat's `content` list, or the completions
+        API's parallel lists (text_offset counts from `offset`, the characters of the choice before them)."""
+        if tokens is None:
+            return None
+        if self.chat:
+            return {
+                "content": [
+                    {
+                        "token": t.token,
+                        "logprob": t.logprob,
+                        "bytes": list(t.token.encode()),
+                        "top_logprobs": [
+                            {"token": a, "logprob": v, "bytes": list(a.encode())} for a, v in t.top
+                        ],
+                    }
+                    for t in tokens
+                ]
+            }
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.token)
+        return {
+            "tokens": [t.token for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens],
+            "text_offset": offsets,
+        }
+
+    def body(
+        self,
+        texts: list[str],
+        reasons: list[str],
+        job: EngineRequest,
+        logprobs: list[list[TokenLogprob]] | None = None,
+    ) -> dict[str, Any]:
+        """The whole response: a choice per text (with its tokens' log-probabilities when asked), and the
+        token counts."""
         choices = [
             {
                 "index": i,
                 **({"message": {"role": "assistant", "content": t}} if self.chat else {"text": t}),
                 "finish_reason": r,
-                "logprobs": None,
+                "logprobs": self.logprobs(logprobs[i] if logprobs is not None else None),
             }
             for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
         ]
         kind = "chat.completion" if self.chat else "text_completion"
         return {**self.head(kind), "choices": choices, "usage": usage(job)}
 
-    def chunk(self, index: int, text: str | None, reason: str | None, *, role: bool = False) -> str:
+    def chunk(
+        self,
+        index: int,
+        text: str | None,
+        reason: str | None,
+        *,
+        role: bool = False,
+        logprobs: list[TokenLogprob] | None = None,
+        offset: int = 0,
+    ) -> str:
         """One server-sent event of a stream; `role` opens a chat choice."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
@@ -136,9 +264,20 @@ class Reply:
             content: dict[str, Any] = {"delta": delta}
         else:
             content = {"text": text or ""}
-        choice = {"index": index, **content, "finish_reason": reason, "logprobs": None}
+        choice = {
+            "index": index,
+            **content,
+            "finish_reason": reason,
+            "logprobs": self.logprobs(logprobs, offset),
+        }
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return f"data: {json.dumps({**self.head(kind), 'choices': [choice]})}\n\n"
+        extra = {"usage": None} if self.include_usage else {}
+        return f"data: {json.dumps({**self.head(kind), 'choices': [choice], **extra})}\n\n"
+
+    def usage_chunk(self, job: EngineRequest) -> str:
+        """The last event of a stream that asked for usage: no choices, the request's token counts."""
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return f"data: {json.dumps({**self.head(kind), 'choices': [], 'usage': usage(job)})}\n\n"
 
 
 def usage(job: EngineRequest) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from vlmkit.serve.config import EngineConfig, ServerConfig
 from vlmkit.serve.engine import Engine, Event
 from vlmkit.serve.engine import Request as EngineRequest
 from vlmkit.serve.errors import EngineError, EngineFailure, QueueFull
+from vlmkit.serve.output import TokenLogprob
 from vlmkit.serve.protocol import (
     APIError,
     ChatRequest,
@@ -218,9 +219,11 @@ async def read_body(request: Request, schema: type[BaseModel]) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise APIError(400, f"the body is not valid JSON: {e}") from None
     try:
-        return schema.model_validate(data)
+        body = schema.model_validate(data)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
+    body.check_fields(request.app.state.vlm.tokenizer.vocab_size if body.logit_bias else 0)
+    return body
 
 
 async def processed(process: Callable[[Any], dict], what: Any) -> dict:
@@ -239,7 +242,7 @@ def failure(event: Event) -> EngineError:
 async def answer(request: Request, body: SamplingFields, inputs: dict, *, chat: bool) -> Any:
     """Submit one request to the engine and answer with its completion, whole or streamed."""
     s = request.app.state
-    reply = Reply(chat=chat, model=s.model_name)
+    reply = Reply(chat=chat, model=s.model_name, include_usage=body.include_usage)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     job = EngineRequest(
@@ -271,15 +274,17 @@ async def answer(request: Request, body: SamplingFields, inputs: dict, *, chat: 
     if got is None:
         log.info("%s: the client went away", reply.id)
         return JSONResponse(error_body("client disconnected", "cancelled"), status_code=499)
-    return reply.body(*got, job)
+    texts, reasons, logprobs = got
+    return reply.body(texts, reasons, job, logprobs if job.params.logprobs is not None else None)
 
 
 async def collect(
     request: Request, job: EngineRequest, events: asyncio.Queue[Event]
-) -> tuple[list[str], list[str]] | None:
-    """Every choice's text and finish reason; None when the client went away first. An error event
-    raises its error."""
-    texts, reasons = [""] * job.params.n, [""] * job.params.n
+) -> tuple[list[str], list[str], list[list[TokenLogprob]]] | None:
+    """Every choice's text, finish reason and tokens' log-probabilities (when asked); None when the client
+    went away first. An error event raises its error."""
+    n = job.params.n
+    texts, reasons, logprobs = [""] * n, [""] * n, [[] for _ in range(n)]
     while not all(reasons):
         try:
             ev = await asyncio.wait_for(events.get(), timeout=0.5)
@@ -287,29 +292,35 @@ async def collect(
             if await request.is_disconnected():
                 return None
             continue
+        logprobs[ev.index] += ev.logprobs
         if ev.finish_reason is None:
             texts[ev.index] += ev.text
         elif ev.finish_reason == "error":
             raise failure(ev)
         else:
             reasons[ev.index] = ev.finish_reason
-    return texts, reasons
+    return texts, reasons, logprobs
 
 
 async def stream(
     reply: Reply, job: EngineRequest, events: asyncio.Queue[Event], metrics: Metrics
 ) -> AsyncIterator[str]:
-    """The server-sent events of one request: a role chunk per choice (chat), the text deltas, each
-    choice's finish, then [DONE]; an error event ends the stream with an OpenAI error body instead."""
+    """The server-sent events of one request: a role chunk per choice (chat), the text deltas (with their
+    tokens' log-probabilities when asked), each choice's finish, the usage when asked, then [DONE]; an error
+    event ends the stream with an OpenAI error body instead."""
+    asked = job.params.logprobs is not None
     try:
         if reply.chat:
             for i in range(job.params.n):
                 yield reply.chunk(i, None, None, role=True)
         open_ = job.params.n
+        offsets = [0] * job.params.n  # characters of each choice's tokens so far (completions' text_offset)
         while open_:
             ev = await events.get()
+            lps = ev.logprobs if asked else None
             if ev.finish_reason is None:
-                yield reply.chunk(ev.index, ev.text, None)
+                yield reply.chunk(ev.index, ev.text, None, logprobs=lps, offset=offsets[ev.index])
+                offsets[ev.index] += sum(len(t.token) for t in ev.logprobs)
                 continue
             open_ -= 1
             if ev.finish_reason == "error":
@@ -317,7 +328,15 @@ async def stream(
                 log_failure(reply.id, error)
                 yield f"data: {json.dumps(error_body(str(error), error.type))}\n\n"
                 return
-            yield reply.chunk(ev.index, None, ev.finish_reason)
+            yield reply.chunk(
+                ev.index,
+                None,
+                ev.finish_reason,
+                logprobs=lps if ev.logprobs else None,
+                offset=offsets[ev.index],
+            )
+        if reply.include_usage:
+            yield reply.usage_chunk(job)
         yield "data: [DONE]\n\n"
     except Exception as e:
         log_failure(reply.id, e)
