@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmkit.runner import DecoderSession
+from vlmkit.structured import Constraint, Guide, mask_scores
 
 # -------------------------------------------------------------------------------------------------
 # Settings
@@ -52,6 +53,7 @@ class GenerationConfig:
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
     logit_bias: dict[int, float] | None = None  # added to the logits of these token ids
+    constraint: Constraint | None = None  # what every answer must match (vlmkit.structured); needs tokenizer=
 
     def validate(self) -> None:
         def bad(msg: str) -> None:
@@ -104,6 +106,12 @@ class GenerationConfig:
             )
         ):
             bad("logit_bias must map token ids (integers >= 0) to biases in [-100, 100]")
+        if self.constraint is not None and not isinstance(self.constraint, Constraint):
+            bad(f"constraint must be a vlmkit.structured.Constraint, got {type(self.constraint).__name__}")
+        if self.constraint is not None and self.num_beams > 1:
+            bad(
+                "a constraint holds one answer per row to a grammar; beam search (num_beams > 1) does not take one"
+            )
         if self.stop_strings is not None and (
             not isinstance(self.stop_strings, list)
             or not all(isinstance(s, str) and s for s in self.stop_strings)
@@ -284,10 +292,12 @@ def decode_tokens(
     *,
     generator: torch.Generator | None = None,
     decode: Callable[[list[int]], str] | None = None,
+    tokenizer: Any = None,
 ) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding. Yields the next token of every row (R,) at each step, R = B *
     num_return_sequences; a finished row yields the pad id. Stops at max_new_tokens or when every row hit an
-    EOS id or a stop string."""
+    EOS id or a stop string. With a constraint, every row's tokens are held to it (`tokenizer` builds the
+    grammar's view of the vocabulary)."""
     if config.max_new_tokens == 0:
         return
     logits = session.prefill()
@@ -308,12 +318,26 @@ def decode_tokens(
     sequences[:, :T] = prompt_ids  # what the processors look back on, filled one column per step
     # stop strings may start in the prompt: keep its last tokens as context
     generated = [row[-stops.window :] for row in prompt_ids.tolist()] if stops else []
+    guides: list[Guide | None] = []
+    if config.constraint is not None:
+        if tokenizer is None:
+            raise ValueError("a constraint needs the tokenizer: pass tokenizer=...")
+        guides = [
+            Guide(config.constraint, tokenizer, logits.shape[-1], config.eos_token_id) for _ in range(rows)
+        ]
     for i in range(config.max_new_tokens):
-        scores = process_logits(logits.float(), sequences[:, : T + i], config, new_tokens=i)
+        scores = process_logits(
+            mask_scores(logits.float(), guides), sequences[:, : T + i], config, new_tokens=i
+        )
         tokens = sample(scores, config, generator)
         tokens = torch.where(unfinished, tokens, torch.full_like(tokens, pad))
         sequences[:, T + i] = tokens
         unfinished &= ~torch.isin(tokens, eos)
+        for r, guide in enumerate(guides):
+            if guide is not None and bool(unfinished[r]):
+                guide.advance(int(tokens[r]))
+            elif guide is not None:
+                guides[r] = None  # an ended row needs no more masks
         if stops is not None:
             for r, t in enumerate(tokens.tolist()):
                 generated[r].append(t)
@@ -356,7 +380,7 @@ class GenerationMixin:
         prompt + new), rows of one input next to each other, finished rows padded with pad_token_id.
 
         Image inputs are the model's forward arguments (pixel_values, image_attention_mask, ...).
-        `tokenizer` (anything with `decode`) is needed for stop_strings.
+        `tokenizer` is needed for stop_strings (anything with `decode`) and a constraint (a vlmkit tokenizer).
         """
         config, inputs = self._split_generation_kwargs(kwargs)
         decode = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else None
@@ -370,7 +394,11 @@ class GenerationMixin:
                 from vlmkit.beams import beam_search
 
                 return beam_search(session, config, input_ids, generator=generator, decode=decode)
-            steps = list(decode_tokens(session, config, input_ids, generator=generator, decode=decode))
+            steps = list(
+                decode_tokens(
+                    session, config, input_ids, generator=generator, decode=decode, tokenizer=tokenizer
+                )
+            )
         finally:
             session.close()
         prompt = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
@@ -395,7 +423,9 @@ class GenerationMixin:
         with torch.inference_mode():
             session = self.start_session(input_ids, attention_mask=attention_mask, config=config, **inputs)
         try:
-            steps = decode_tokens(session, config, input_ids, generator=generator, decode=decode)
+            steps = decode_tokens(
+                session, config, input_ids, generator=generator, decode=decode, tokenizer=tokenizer
+            )
             while True:
                 with torch.inference_mode():
                     token = next(steps, None)

@@ -19,6 +19,7 @@ import torch
 from vlmkit.generation import DEFAULT_MAX_NEW_TOKENS
 from vlmkit.models import family_of, load_model, load_processor, stop_token_ids
 from vlmkit.quant import QuantConfig
+from vlmkit.structured import CONSTRAINT_FIELDS, constraint_from
 from vlmkit.tokenizer import IncrementalDecoder
 
 
@@ -85,7 +86,14 @@ class VLM:
         return {k: v.to(self.device) for k, v in out.items()}
 
     def _settings(self, sampling: dict[str, Any]) -> dict[str, Any]:
-        """Defaults for people: a longer budget, and the family's end-of-turn tokens also end a reply."""
+        """Defaults for people: a longer budget, and the family's end-of-turn tokens also end a reply; the
+        OpenAI / vLLM names of a constraint (response_format, guided_json, guided_regex, guided_grammar,
+        guided_choice) become generate's `constraint`."""
+        named = {k: sampling.pop(k) for k in CONSTRAINT_FIELDS if k in sampling}
+        if named:
+            if "constraint" in sampling:
+                raise ValueError(f"pass constraint= or {sorted(named)}, not both")
+            sampling["constraint"] = constraint_from(**named)
         settings = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, **sampling}
         if settings.get("eos_token_id") is None:
             eos = stop_token_ids(self.tokenizer, family_of(self.model))

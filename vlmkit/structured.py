@@ -1,0 +1,178 @@
+"""Structured output: answers held to a JSON schema, any JSON object, a regular expression, a Lark grammar or
+a list of choices, by masking at every step the tokens that could not continue a match.
+
+The grammar engine is llguidance: it reads the checkpoint's own `tokenizer.json` (no second tokenizer to keep
+in step), compiles a JSON schema or regex in milliseconds, and computes a step's mask without holding the
+interpreter lock, so the engine computes each row's next mask while the model runs the next forward
+(`Guide.prepare`). `Constraint` is what a caller asks for (OpenAI's `response_format`, vLLM's `guided_*`);
+`Guide` is one row's grammar state.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
+# JSON as json.dumps writes it: a fixed space after ',' and ':' and no other whitespace. Free whitespace lets a
+# model pad forever between tokens (small models do); a schema's "x-guidance" section may still allow it.
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# the request fields that ask for a constraint: OpenAI's, then vLLM's
+CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_grammar", "guided_choice")
+_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmkit-guide")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What every answer must match. kind: "json_schema" (spec: the schema, a dict), "json_object" (any JSON
+    object), "regex" (spec: the pattern, matched in full), "grammar" (spec: a Lark grammar, or GBNF as
+    llama.cpp writes it), "choice" (spec: a tuple of the allowed answers)."""
+
+    kind: str
+    spec: Any = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown constraint kind {self.kind!r}; one of {list(KINDS)}")
+
+    def grammar(self) -> str:
+        """The llguidance grammar of this constraint."""
+        from llguidance import LLMatcher, gbnf_to_lark
+
+        if self.kind == "json_schema":
+            if not isinstance(self.spec, dict):
+                raise ValueError(f"a JSON schema must be an object, got {type(self.spec).__name__}")
+            return LLMatcher.grammar_from_json_schema(json.dumps(self.spec), defaults=JSON_LAYOUT)
+        if self.kind == "json_object":
+            return LLMatcher.grammar_from_json_schema(json.dumps({"type": "object"}), defaults=JSON_LAYOUT)
+        if self.kind == "regex":
+            return LLMatcher.grammar_from_regex(str(self.spec))
+        if self.kind == "choice":
+            if not self.spec or not all(isinstance(c, str) and c for c in self.spec):
+                raise ValueError("a choice constraint needs a non-empty list of non-empty strings")
+            return LLMatcher.grammar_from_regex("|".join(re.escape(c) for c in self.spec))
+        text = str(self.spec)
+        lark = text if "::=" not in text else gbnf_to_lark(text)
+        return LLMatcher.grammar_from_lark(lark)
+
+    def describe(self) -> str:
+        return {"json_object": "a JSON object", "json_schema": "the JSON schema"}.get(
+            self.kind, f"the {self.kind}"
+        )
+
+
+def constraint_from(
+    *,
+    response_format: dict[str, Any] | None = None,
+    guided_json: dict[str, Any] | str | None = None,
+    guided_regex: str | None = None,
+    guided_grammar: str | None = None,
+    guided_choice: list[str] | None = None,
+) -> Constraint | None:
+    """The one constraint the OpenAI (`response_format`) and vLLM (`guided_*`) fields ask for; None when they
+    ask for none; ValueError when they ask for two or are malformed."""
+    found: list[Constraint] = []
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "json_object":
+            found.append(Constraint("json_object"))
+        elif kind == "json_schema":
+            section = response_format.get("json_schema")
+            if not isinstance(section, dict) or not isinstance(section.get("schema"), dict):
+                raise ValueError(
+                    'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}'
+                )
+            found.append(Constraint("json_schema", section["schema"]))
+        elif kind != "text":
+            raise ValueError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+    if guided_json is not None:
+        schema = json.loads(guided_json) if isinstance(guided_json, str) else guided_json
+        found.append(Constraint("json_schema", schema))
+    if guided_regex is not None:
+        found.append(Constraint("regex", guided_regex))
+    if guided_grammar is not None:
+        found.append(Constraint("grammar", guided_grammar))
+    if guided_choice is not None:
+        found.append(Constraint("choice", tuple(guided_choice)))
+    if len(found) > 1:
+        raise ValueError("ask for one constraint at a time (response_format or one guided_* field)")
+    return found[0] if found else None
+
+
+@lru_cache(maxsize=8)
+def _lltokenizer(tokenizer_json: str, n_vocab: int, eos: tuple[int, ...]) -> Any:
+    from llguidance import LLTokenizer
+
+    return LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=list(eos))
+
+
+def compile_constraint(
+    constraint: Constraint, tokenizer: Any, vocab_size: int, eos: list[int]
+) -> tuple[Any, str]:
+    """(llguidance tokenizer, checked grammar) for a vlmkit tokenizer over `vocab_size` logits; ValueError
+    naming the problem when the schema, pattern or grammar is invalid."""
+    from llguidance import LLMatcher
+
+    if not eos:
+        raise ValueError("constrained decoding needs an end-of-answer token, and this tokenizer has none")
+    lltok = _lltokenizer(tokenizer.backend.to_str(), vocab_size, tuple(eos))
+    try:
+        grammar = constraint.grammar()
+    except ValueError as e:
+        raise ValueError(f"invalid {constraint.kind}: {e}") from None
+    error = LLMatcher.validate_grammar(grammar, lltok)
+    if error:
+        raise ValueError(f"invalid {constraint.kind}: {error.splitlines()[0]}")
+    return lltok, grammar
+
+
+class Guide:
+    """One row's grammar state: which tokens may come next (`allowed`), advanced by each chosen token
+    (`advance`). `prepare` starts computing the next mask on a worker thread (llguidance releases the
+    interpreter lock), so it overlaps whatever runs meanwhile; `allowed` waits for it."""
+
+    def __init__(self, constraint: Constraint, tokenizer: Any, vocab_size: int, eos: list[int]) -> None:
+        from llguidance import LLMatcher
+
+        lltok, grammar = compile_constraint(constraint, tokenizer, vocab_size, eos)
+        self.constraint = constraint
+        self.matcher = LLMatcher(lltok, grammar)
+        self.vocab_size = vocab_size
+        self._next: Future[bytes] | None = None
+        self.prepare()
+
+    def prepare(self) -> None:
+        self._next = _POOL.submit(self.matcher.compute_bitmask)
+
+    def allowed(self) -> torch.Tensor:
+        """(vocab_size,) bool: the tokens that keep the answer a possible match (EOS once it is complete)."""
+        if self._next is None:
+            self.prepare()
+        bits = torch.frombuffer(bytearray(self._next.result()), dtype=torch.uint8)
+        self._next = None
+        shifts = torch.arange(8, dtype=torch.uint8)
+        return ((bits[:, None] >> shifts) & 1).flatten()[: self.vocab_size].bool()
+
+    def advance(self, token: int) -> None:
+        """Take the chosen token; start the next mask. A token the mask allowed never fails."""
+        if not self.matcher.consume_token(int(token)):
+            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        if not self.matcher.is_stopped():
+            self.prepare()
+
+
+def mask_scores(scores: torch.Tensor, guides: list[Guide | None]) -> torch.Tensor:
+    """scores (R, V) with every token a row's guide does not allow at -inf (rows without one untouched)."""
+    if not any(g is not None for g in guides):
+        return scores
+    scores = scores.clone()
+    for r, guide in enumerate(guides):
+        if guide is not None:
+            scores[r].masked_fill_(~guide.allowed().to(scores.device), -float("inf"))
+    return scores
