@@ -112,24 +112,24 @@ def _lltokenizer(tokenizer_json: str, n_vocab: int, eos: tuple[int, ...]) -> Any
     return LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=list(eos))
 
 
-def compile_constraint(
-    constraint: Constraint, tokenizer: Any, vocab_size: int, eos: list[int]
-) -> tuple[Any, str]:
-    """(llguidance tokenizer, checked grammar) for a vlmkit tokenizer over `vocab_size` logits; ValueError
-    naming the problem when the schema, pattern or grammar is invalid."""
+def checked_grammar(constraint: Constraint, lltokenizer: Any = None) -> str:
+    """The constraint's llguidance grammar, checked (against the tokenizer when given); ValueError naming the
+    problem when the schema, pattern or grammar is invalid."""
     from llguidance import LLMatcher
 
-    if not eos:
-        raise ValueError("constrained decoding needs an end-of-answer token, and this tokenizer has none")
-    lltok = _lltokenizer(tokenizer.backend.to_str(), vocab_size, tuple(eos))
     try:
         grammar = constraint.grammar()
     except ValueError as e:
         raise ValueError(f"invalid {constraint.kind}: {e}") from None
-    error = LLMatcher.validate_grammar(grammar, lltok)
+    error = LLMatcher.validate_grammar(grammar, lltokenizer)
     if error:
         raise ValueError(f"invalid {constraint.kind}: {error.splitlines()[0]}")
-    return lltok, grammar
+    return grammar
+
+
+def check_constraint(constraint: Constraint) -> None:
+    """Raise ValueError now, before any work, when the constraint is invalid (no tokenizer needed)."""
+    checked_grammar(constraint)
 
 
 class Guide:
@@ -140,7 +140,10 @@ class Guide:
     def __init__(self, constraint: Constraint, tokenizer: Any, vocab_size: int, eos: list[int]) -> None:
         from llguidance import LLMatcher
 
-        lltok, grammar = compile_constraint(constraint, tokenizer, vocab_size, eos)
+        if not eos:
+            raise ValueError("constrained decoding needs an end-of-answer token, and this tokenizer has none")
+        lltok = _lltokenizer(tokenizer.backend.to_str(), vocab_size, tuple(eos))
+        grammar = checked_grammar(constraint, lltok)
         self.constraint = constraint
         self.matcher = LLMatcher(lltok, grammar)
         self.vocab_size = vocab_size

@@ -44,6 +44,7 @@ from vlmkit.serve.errors import (
 from vlmkit.serve.executor import Executor
 from vlmkit.serve.output import Event, Row, take
 from vlmkit.serve.scheduler import Scheduler
+from vlmkit.structured import Constraint, Guide, check_constraint
 from vlmkit.tokenizer import IncrementalDecoder
 
 __all__ = ["Engine", "EngineConfig", "Event", "PrefixCache", "QueueFull", "Request", "SamplingParams"]
@@ -68,6 +69,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] | None = None
     logprobs: int | None = None  # None: off; k >= 0: each token's log-probability and its k best alternatives
+    constraint: Constraint | None = None  # what every answer must match (vlmkit.structured)
 
     def generate_kwargs(self) -> dict[str, Any]:
         sampling = self.temperature > 0
@@ -82,6 +84,7 @@ class SamplingParams:
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             logit_bias=self.logit_bias or None,
+            constraint=self.constraint,
         )
 
 
@@ -168,7 +171,12 @@ class Engine:
         if n < 1 or n > self.config.max_batch:
             raise InvalidRequest(f"n must be between 1 and {self.config.max_batch}, got {n}")
         try:
-            return make_config(self.eos, self.pad, **params.generate_kwargs())
+            config = make_config(self.eos, self.pad, **params.generate_kwargs())
+            if (
+                config.constraint is not None
+            ):  # an invalid schema, pattern or grammar fails here, not mid-answer
+                check_constraint(config.constraint)
+            return config
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
 
@@ -235,6 +243,9 @@ class Engine:
                 prompt=prompt,
                 key=key,
                 logprobs=request.params.logprobs,
+                guide=None
+                if config.constraint is None
+                else Guide(config.constraint, self.tokenizer, logits.shape[-1], config.eos_token_id),
             )
             self.scheduler.rows.append(row)
             take(row, logits[0], self._end_row)

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from vlmkit.generation import GenerationConfig, StopStrings, process_logits, sample
+from vlmkit.structured import Guide, mask_scores
 from vlmkit.tokenizer import IncrementalDecoder
 
 
@@ -53,6 +54,7 @@ class Row:
     prompt: Any = None  # vlmkit.serve.cache.Prompt
     logprobs: int | None = None  # None: none; k: each token's log-probability and its k best alternatives
     held: list[TokenLogprob] = field(default_factory=list)  # log-probabilities not yet sent
+    guide: Guide | None = None  # the row's grammar state when its answer must match a constraint
     key: int = -1  # the prompt's key in the engine's executor
     text: str = ""
     generated: int = 0
@@ -63,7 +65,8 @@ class Row:
 def choose(row: Row, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
     """The row's next token from its logits (V,), and the scores it was drawn from (1, V): the logits after
     penalties, bias and (when sampling) temperature, top-k and top-p."""
-    scores = process_logits(logits[None].float(), row.sequence, row.config, new_tokens=row.generated)
+    raw = mask_scores(logits[None].float(), [row.guide])
+    scores = process_logits(raw, row.sequence, row.config, new_tokens=row.generated)
     return int(sample(scores, row.config, row.generator)[0]), scores
 
 
@@ -98,6 +101,8 @@ def take(row: Row, logits: torch.Tensor, end: Callable[[Row, str], None]) -> Non
     if token in row.config.eos_token_id:  # the end of the answer, not part of it: no text, no logprob
         end(row, "stop")
         return
+    if row.guide is not None:
+        row.guide.advance(token)  # and start its next mask, computed while the model runs the next step
     if row.logprobs is not None:
         row.held.append(token_logprob(row, token, scores))
     row.sequence = torch.cat([row.sequence, row.sequence.new_tensor([[token]])], 1)

@@ -17,6 +17,7 @@ from vlmkit.serve.engine import Request as EngineRequest
 from vlmkit.serve.engine import SamplingParams
 from vlmkit.serve.errors import EngineError
 from vlmkit.serve.output import TokenLogprob
+from vlmkit.structured import CONSTRAINT_FIELDS, Constraint, check_constraint, constraint_from
 
 
 class APIError(Exception):
@@ -106,6 +107,11 @@ class SamplingFields(BaseModel):
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's names for the other constraints
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list[str] | None = None
 
     def check_fields(self, vocab_size: int) -> None:
         """A 400 naming the first field that is unknown, unsupported or invalid together with the others."""
@@ -139,6 +145,19 @@ class SamplingFields(BaseModel):
         kinds that offer log-probabilities say how they are asked for)."""
         return None
 
+    def constraint(self) -> Constraint | None:
+        """The constraint the request asks for; a 400 naming the field when it is malformed or doubled."""
+        given = {name: getattr(self, name) for name in CONSTRAINT_FIELDS if getattr(self, name) is not None}
+        try:
+            constraint = constraint_from(**given)
+            if constraint is not None:
+                check_constraint(constraint)
+            return constraint
+        except (ValueError, TypeError) as e:
+            raise APIError(
+                400, f"{next(iter(given), 'response_format')}: {e}", param=next(iter(given), None)
+            ) from None
+
     def params(self, max_tokens_default: int) -> SamplingParams:
         return SamplingParams(
             max_tokens=self.max_completion_tokens or self.max_tokens or max_tokens_default,
@@ -153,6 +172,7 @@ class SamplingFields(BaseModel):
             frequency_penalty=self.frequency_penalty,
             logit_bias={int(k): float(v) for k, v in (self.logit_bias or {}).items()} or None,
             logprobs=self.top_alternatives(),
+            constraint=self.constraint(),
         )
 
 
