@@ -154,12 +154,21 @@ def test_serve_flags_are_the_config_fields(monkeypatch):
     no_quantization = dict(quantize=None, group_size=None, quantize_parts=())
     assert calls[-1] == (
         "demo",
-        dict(engine=EngineConfig(), server=ServerConfig(), dtype=None, device=None, tp=1, **no_quantization),
+        dict(
+            engine=EngineConfig(),
+            server=ServerConfig(),
+            dtype=None,
+            device=None,
+            tp=1,
+            lora={},
+            max_loras=4,
+            **no_quantization,
+        ),
     )
     flags = "--max-batch 3 --max-queue 5 --max-seq-len 99 --max-images 1 --max-image-pixels 100 --timeout 2.5"
     flags += " --max-body-bytes 1000 --feature-cache 7 --prefix-cache-mb 0 --api-key k --allow-remote-images"
     flags += " --host 0.0.0.0 --port 9 --model m --dtype bfloat16 --device cpu"
-    flags += " --quantize int4 --group-size 32 --quantize-parts vision --tp 2"
+    flags += " --quantize int4 --group-size 32 --quantize-parts vision --tp 2 --lora a=/x --lora b=/y --max-loras 2"
     assert main(["serve", *flags.split()]) == 0
     engine = EngineConfig(
         max_batch=3, max_queue=5, max_seq_len=99, max_images=1, feature_cache=7, prefix_cache_mb=0
@@ -176,7 +185,16 @@ def test_serve_flags_are_the_config_fields(monkeypatch):
     quantization = dict(quantize="int4", group_size=32, quantize_parts=("vision",))
     assert calls[-1] == (
         "m",
-        dict(engine=engine, server=server, dtype="bfloat16", device="cpu", tp=2, **quantization),
+        dict(
+            engine=engine,
+            server=server,
+            dtype="bfloat16",
+            device="cpu",
+            tp=2,
+            lora={"a": "/x", "b": "/y"},
+            max_loras=2,
+            **quantization,
+        ),
     )
 
 

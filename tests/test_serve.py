@@ -49,9 +49,9 @@ def free_port() -> int:
 class Live:
     """A server in a background thread of this process."""
 
-    def __init__(self, vlm, *, name: str, engine_kw: dict | None = None, **config) -> None:
+    def __init__(self, vlm, *, name: str, engine_kw: dict | None = None, adapters=None, **config) -> None:
         self.vlm = vlm
-        self.engine = Engine(vlm.model, vlm.tokenizer, **{**ENGINE, **(engine_kw or {})})
+        self.engine = Engine(vlm.model, vlm.tokenizer, adapters=adapters, **{**ENGINE, **(engine_kw or {})})
         self.engine.start()
         app = create_app(vlm, self.engine, model_name=name, config=ServerConfig(**{**LIMITS, **config}))
         self.port = free_port()

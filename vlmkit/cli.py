@@ -543,6 +543,16 @@ def serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
     quantize_arguments(p)
     tp_argument(p)
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve a LoRA adapter (peft folder) under NAME; a request picks it by `model` (repeat for several)",
+    )
+    p.add_argument(
+        "--max-loras", type=int, default=4, help="adapters held in memory at once (least recently used out)"
+    )
 
     def run(args: argparse.Namespace) -> int:
         import logging
@@ -558,11 +568,26 @@ def serve_parser(sub: argparse._SubParsersAction) -> None:
             dtype=args.dtype,
             device=args.device,
             tp=args.tp,
+            lora=lora_arguments(args.lora),
+            max_loras=args.max_loras,
             **quantization(args),
         )
         return 0
 
     p.set_defaults(run=run)
+
+
+def lora_arguments(pairs: Sequence[str]) -> dict[str, str]:
+    """--lora NAME=PATH values as {name: path}; ValueError for a malformed or repeated one."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora takes NAME=PATH, got {pair!r}")
+        if name in out:
+            raise ValueError(f"--lora names {name!r} twice")
+        out[name] = path
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

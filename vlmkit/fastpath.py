@@ -100,7 +100,14 @@ class FusedLinears:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.usable():
-            return list(dense(x, self.weight).split(self.sizes, dim=-1))
+            outs = list(dense(x, self.weight).split(self.sizes, dim=-1))
+            for i, lin in enumerate(
+                self.linears
+            ):  # what a layer's forward hooks add (LoRA adapters) still applies
+                for hook in lin._forward_hooks.values():
+                    result = hook(lin, (x,), outs[i])
+                    outs[i] = outs[i] if result is None else result
+            return outs
         owner = self.owner()
         return [getattr(owner, n)(x) for n in self.names]
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
+from vlmkit.adapters import AdapterSet
 from vlmkit.generation import DEFAULT_MAX_NEW_TOKENS
 from vlmkit.models import family_of, load_model, load_processor, stop_token_ids
 from vlmkit.quant import QuantConfig
@@ -36,6 +38,7 @@ class VLM:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.adapters: AdapterSet | None = None  # LoRA adapters answered with by name
 
     @classmethod
     def load(
@@ -50,10 +53,12 @@ class VLM:
         group_size: int | None = None,
         quantize_parts: Sequence[str] = (),
         tp: int = 1,
+        adapters: dict[str, str | os.PathLike] | None = None,
     ) -> VLM:
         """A checkpoint folder, hub id or built-in demo model ("demo", "demo-idefics"); batched: the CPU weight
         layout for many rows at a time; quantize: "int8" or "int4" weights; tp: split over this many
-        processes, every one of them making this call under torchrun (see `load_model`)."""
+        processes, every one of them making this call under torchrun (see `load_model`); adapters: {name: peft
+        LoRA folder} to answer with by name (`chat(..., adapter=name)`), never merged into the weights."""
         model = load_model(
             path_or_repo_id,
             dtype=dtype,
@@ -65,7 +70,16 @@ class VLM:
             quantize_parts=tuple(quantize_parts),
             tp=tp,
         )
-        return cls(model, load_processor(path_or_repo_id))
+        vlm = cls(model, load_processor(path_or_repo_id))
+        for name, path in (adapters or {}).items():
+            vlm.add_adapter(name, path)
+        return vlm
+
+    def add_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Serve a peft LoRA folder under `name`: `generate(..., adapter=name)` and the like answer with it."""
+        if self.adapters is None:
+            self.adapters = AdapterSet(self.model, max_loaded=8)
+        self.adapters.add(name, path)
 
     @property
     def device(self) -> torch.device:
@@ -89,6 +103,7 @@ class VLM:
         """Defaults for people: a longer budget, and the family's end-of-turn tokens also end a reply; the
         OpenAI / vLLM names of a constraint (response_format, guided_json, guided_regex, guided_grammar,
         guided_choice) become generate's `constraint`."""
+        sampling.pop("adapter", None)  # applied around the call (`_adapter`)
         named = {k: sampling.pop(k) for k in CONSTRAINT_FIELDS if k in sampling}
         if named:
             if "constraint" in sampling:
@@ -105,14 +120,29 @@ class VLM:
 
     # -- generation -----------------------------------------------------------------------------
 
+    def _adapter(self, name: str | None) -> Any:
+        """The context in which the model answers with adapter `name` (None: the base model)."""
+        if name is None:
+            return nullcontext()
+        if self.adapters is None or name not in self.adapters.names():
+            known = self.adapters.names() if self.adapters is not None else []
+            raise ValueError(f"no adapter named {name!r}; loaded: {known} (VLM.load(..., adapters=...))")
+        return self.adapters.rows([self.adapters.get(name)])
+
     def generate_from_inputs(self, inputs: dict, **sampling: Any) -> str | list[str]:
+        adapter = sampling.get("adapter")
         settings = self._settings(sampling)
-        out = self.model.generate(**inputs, tokenizer=self.tokenizer, **settings)
+        with self._adapter(adapter):
+            out = self.model.generate(**inputs, tokenizer=self.tokenizer, **settings)
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return texts[0] if len(texts) == 1 else texts
 
     def stream_from_inputs(self, inputs: dict, **sampling: Any) -> Iterator[str]:
+        with self._adapter(sampling.get("adapter")):
+            yield from self._stream(inputs, sampling)
+
+    def _stream(self, inputs: dict, sampling: dict[str, Any]) -> Iterator[str]:
         settings = self._settings(sampling)
         if settings.get("num_return_sequences", 1) != 1:
             raise ValueError("stream() yields one sequence: num_return_sequences must be 1")

@@ -93,9 +93,10 @@ class PrefixCache:
         self.items: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.hit_tokens = 0  # prompt tokens not run because their blocks were cached
 
-    def hashes(self, ids: list[int], marks: dict[int, bytes]) -> list[bytes]:
-        """One hash per whole block of `ids`; marks[b]: what else block b's keys/values depend on."""
-        out, h = [], b""
+    def hashes(self, ids: list[int], marks: dict[int, bytes], salt: bytes = b"") -> list[bytes]:
+        """One hash per whole block of `ids`; marks[b]: what else block b's keys/values depend on; salt: what
+        all of them depend on (the LoRA adapter the prompt runs with)."""
+        out, h = [], salt
         for b in range(len(ids) // self.block):
             chunk = ids[b * self.block : (b + 1) * self.block]
             h = hashlib.sha256(
@@ -146,6 +147,7 @@ class Prompt:
     marks: dict[int, bytes]
     hashes: list[bytes]
     reused: list[torch.Tensor]
+    salt: bytes = b""  # what every block also depends on (an adapter's digest)
 
     @property
     def ids(self) -> torch.Tensor:
@@ -186,7 +188,7 @@ class CacheManager:
 
     # -- planning -------------------------------------------------------------------------------
 
-    def plan(self, plan: PromptPlan) -> Prompt:
+    def plan(self, plan: PromptPlan, salt: bytes = b"") -> Prompt:
         """Hash the prompt's blocks (with the pictures each token depends on), find the cached start of it
         (at least one token runs), and mark the pictures that the rest still needs."""
         marks: dict[int, bytes] = {}
@@ -194,11 +196,11 @@ class CacheManager:
             for t in item.positions:
                 self.prefix.mark(marks, t, item.key)
         tokens = plan.ids[0].tolist()
-        hashes = self.prefix.hashes(tokens, marks)
+        hashes = self.prefix.hashes(tokens, marks, salt)
         reused = self.prefix.match(hashes)[: (len(tokens) - 1) // self.prefix.block]
         start = len(reused) * self.prefix.block
         needed = [any(t >= start for t in item.positions) for item in plan.items]
-        return Prompt(plan, needed, marks, hashes, reused)
+        return Prompt(plan, needed, marks, hashes, reused, salt)
 
     def row_hashes(self, prompt: Prompt, sequence: list[int]) -> list[bytes]:
         """Block hashes of a row's cache: its prompt, then the answer tokens run so far (which depend on the
@@ -208,7 +210,7 @@ class CacheManager:
         for t in range(prompt.ids.shape[1], len(sequence)):
             for n in prompt.plan.decode_items:
                 self.prefix.mark(marks, t, items[n].key)
-        return self.prefix.hashes(sequence, marks)
+        return self.prefix.hashes(sequence, marks, prompt.salt)
 
     def encode_needed(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
         """Features of every picture some joining prompt still needs: from the cache, or computed for all of

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from vlmkit.adapters import AdapterSet
 from vlmkit.generation import DEFAULT_MAX_NEW_TOKENS, GenerationConfig, StopStrings, make_config
 from vlmkit.models import family_of, stop_token_ids
 from vlmkit.serve.cache import PrefixCache, Prompt
@@ -95,6 +96,7 @@ class Request:
     emit: Callable[[Event], None]
     deadline: float | None = None  # time.monotonic() after which the request is cut off
     id: str = ""  # the caller's request id, for logs
+    adapter: str | None = None  # the LoRA adapter to answer with, by name (None: the base model)
     config: GenerationConfig | None = None  # `params` as generate's settings, set by Engine.submit
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
@@ -114,7 +116,13 @@ class Engine:
     settings in `EngineConfig` (keyword overrides accepted: `Engine(model, tok, max_batch=4)`)."""
 
     def __init__(
-        self, model: torch.nn.Module, tokenizer: Any, config: EngineConfig | None = None, **overrides: Any
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        config: EngineConfig | None = None,
+        *,
+        adapters: AdapterSet | None = None,
+        **overrides: Any,
     ):
         missing = [m for m in RUNNER_METHODS if not callable(getattr(model, m, None))]
         if missing:
@@ -128,7 +136,10 @@ class Engine:
         self.eos = stop_token_ids(tokenizer, family_of(model))
         self.pad = tokenizer.pad_token_id
         self.scheduler = Scheduler(c.max_batch, c.max_queue)
-        self.executor = Executor(model, c)  # on a split model, every other process runs one beside it
+        self.adapters = adapters
+        self.executor = Executor(
+            model, c, adapters
+        )  # on a split model, every other process runs one beside it
         self.cache = self.executor.cache
         self.features, self.prefix = self.cache.features, self.cache.prefix
         self._keys = itertools.count()
@@ -198,7 +209,7 @@ class Engine:
         for r in joining:
             key = next(self._keys)
             try:
-                planned.append((r, key, self.executor.call("plan", key, r.inputs)))
+                planned.append((r, key, self.executor.call("plan", key, r.inputs, r.adapter)))
             except Exception as e:  # a malformed request fails alone
                 self._finish_request(r, "error", e)
         if not planned:

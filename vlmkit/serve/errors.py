@@ -18,6 +18,13 @@ class InvalidRequest(EngineError, ValueError):
     type = "invalid_request_error"
 
 
+class NotFound(EngineError, LookupError):
+    """The request names a model or adapter this server does not hold (now)."""
+
+    status = 404
+    type = "invalid_request_error"
+
+
 class QueueFull(EngineError, RuntimeError):
     """The engine's waiting queue is full, or it is shutting down; try again later."""
 

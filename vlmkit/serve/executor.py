@@ -11,15 +11,17 @@ request, only prompts to plan, pictures to encode, rows to fill, steps to run an
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
+from vlmkit.adapters import Adapter, AdapterSet
 from vlmkit.llama import check_text_inputs
 from vlmkit.modules import CacheSlots
 from vlmkit.serve.cache import CacheManager, Prompt
 from vlmkit.serve.config import EngineConfig
-from vlmkit.serve.errors import InvalidRequest
+from vlmkit.serve.errors import InvalidRequest, NotFound
 
 log = logging.getLogger("vlmkit.serve")
 OPS = ("plan", "encode", "run_prompt", "decode", "keep", "compact", "forget")
@@ -28,8 +30,10 @@ OPS = ("plan", "encode", "run_prompt", "decode", "keep", "compact", "forget")
 class Executor:
     """Runs the engine's model work on `model` (any family that implements `vlmkit.runner.Runner`)."""
 
-    def __init__(self, model: torch.nn.Module, config: EngineConfig) -> None:
-        self.model = model
+    def __init__(
+        self, model: torch.nn.Module, config: EngineConfig, adapters: AdapterSet | None = None
+    ) -> None:
+        self.model, self.adapters = model, adapters
         self.cache = CacheManager(
             model,
             max_batch=config.max_batch,
@@ -40,6 +44,8 @@ class Executor:
         )
         self.states = model.row_store(config.max_batch)
         self.prompts: dict[int, Prompt] = {}  # the prompts of the requests running or joining, by key
+        self.prompt_adapters: dict[int, Adapter | None] = {}  # the LoRA adapter each prompt runs with
+        self.row_adapters: list[Adapter | None] = [None] * config.max_batch  # and each cache row
         self.joining: dict[str, torch.Tensor] = {}  # the pictures' features the joining prompts need
         mesh = getattr(model, "tp_mesh", None)
         self.group = mesh.get_group() if mesh is not None and mesh.size() > 1 else None
@@ -57,9 +63,18 @@ class Executor:
             dist.broadcast_object_list([op, args], group=self.group, group_src=0)
         return getattr(self, op)(*args)
 
-    def plan(self, key: int, inputs: dict[str, torch.Tensor]) -> Prompt:
+    def plan(self, key: int, inputs: dict[str, torch.Tensor], adapter: str | None = None) -> Prompt:
         """Check one request's processor outputs and plan its prompt (block hashes, the cached start, the
-        pictures still needed); it is remembered under `key` until `forget`."""
+        pictures still needed) with its LoRA adapter (by name; None: the base model); it is remembered under
+        `key` until `forget`."""
+        lora = None
+        if adapter is not None:
+            if self.adapters is None:
+                raise NotFound(f"adapter {adapter!r}: this server serves no adapters")
+            try:
+                lora = self.adapters.get(adapter)
+            except KeyError:
+                raise NotFound(f"adapter {adapter!r} is not loaded") from None
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
         check_text_inputs(ids, mask, None)
         if ids.shape[0] != 1 or (mask is not None and not bool(mask.all())):
@@ -67,8 +82,8 @@ class Executor:
                 f"the engine takes one unpadded prompt per request; got input_ids {tuple(ids.shape)}"
                 + ("" if mask is None else f" with {int((mask == 0).sum())} padding positions")
             )
-        prompt = self.cache.plan(self.model.plan(inputs))
-        self.prompts[key] = prompt
+        prompt = self.cache.plan(self.model.plan(inputs), salt=lora.digest if lora is not None else b"")
+        self.prompts[key], self.prompt_adapters[key] = prompt, lora
         return prompt
 
     def encode(self, keys: list[int]) -> None:
@@ -85,14 +100,17 @@ class Executor:
         features = self.cache.needed_features(prompt, self.joining)
         images = self.model.prompt_images(prompt.plan, start, features)
         pos = torch.arange(start, L, device=ids.device)
-        logits, state = self.model.prefill(
-            ids[:, start:],
-            images=images,
-            attention_mask=None,
-            position_ids=pos[None],
-            at=CacheSlots(pos, key_len=L, row=row),
-            kv_caches=self.cache.map,
-        )
+        lora = self.prompt_adapters.get(key)
+        with self.lora_rows([lora]):
+            logits, state = self.model.prefill(
+                ids[:, start:],
+                images=images,
+                attention_mask=None,
+                position_ids=pos[None],
+                at=CacheSlots(pos, key_len=L, row=row),
+                kv_caches=self.cache.map,
+            )
+        self.row_adapters[row : row + n] = [lora] * n
         for j in range(1, n):
             self.cache.copy_row(row, row + j, L)
         self.states.join(row, n, state)
@@ -107,14 +125,21 @@ class Executor:
         slots = torch.tensor(lengths, device=device)
         key_len = max(lengths) + 1
         mask = (torch.arange(key_len, device=device)[None, :] <= slots[:, None]).long()  # (n, key_len)
-        return self.model.decode(
-            torch.tensor(tokens, device=device)[:, None],
-            attention_mask=mask,
-            position_ids=slots[:, None],
-            at=CacheSlots(torch.tensor([key_len - 1], device=device), key_len=key_len, slots=slots),
-            kv_caches=self.cache.map,
-            state=self.states.view(n),
-        )
+        with self.lora_rows(self.row_adapters[:n]):
+            return self.model.decode(
+                torch.tensor(tokens, device=device)[:, None],
+                attention_mask=mask,
+                position_ids=slots[:, None],
+                at=CacheSlots(torch.tensor([key_len - 1], device=device), key_len=key_len, slots=slots),
+                kv_caches=self.cache.map,
+                state=self.states.view(n),
+            )
+
+    def lora_rows(self, adapters: list[Adapter | None]) -> Any:
+        """The context in which row i runs with adapters[i] (nothing to do without adapters)."""
+        if self.adapters is None or not any(a is not None for a in adapters):
+            return nullcontext()
+        return self.adapters.rows(adapters)
 
     def keep(self, row: int, key: int, sequence: list[int]) -> None:
         """Give the prefix cache the blocks of a finished row (prompt `key` and its answer `sequence`)."""
@@ -125,9 +150,11 @@ class Executor:
         for old, new, length in moves:
             self.cache.copy_row(old, new, length)
             self.states.move(old, new)
+            self.row_adapters[new] = self.row_adapters[old]
 
     def forget(self, key: int) -> None:
         self.prompts.pop(key, None)
+        self.prompt_adapters.pop(key, None)
 
     # -- the other processes ----------------------------------------------------------------------
 

@@ -31,9 +31,10 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vlmkit.adapters import AdapterError, AdapterSet
 from vlmkit.models import DEFAULT_MODEL
 from vlmkit.serve.config import EngineConfig, ServerConfig
 from vlmkit.serve.engine import Engine, Event
@@ -111,6 +112,7 @@ def create_app(vlm: Any, engine: Engine, *, model_name: str, config: ServerConfi
     s = app.state
     s.vlm, s.engine, s.model_name, s.config = vlm, engine, model_name, config or ServerConfig()
     s.metrics = Metrics(engine)
+    s.unloaded = set()  # adapters unloaded at run time: asking for one is a 404, not the base model
     app.middleware("http")(guard)
     app.exception_handler(APIError)(api_error)
     app.exception_handler(RequestValidationError)(invalid_request)
@@ -121,6 +123,8 @@ def create_app(vlm: Any, engine: Engine, *, model_name: str, config: ServerConfi
     app.get("/")(page)
     app.post("/v1/chat/completions")(chat_completions)
     app.post("/v1/completions")(completions)
+    app.post("/v1/load_lora_adapter")(load_lora_adapter)
+    app.post("/v1/unload_lora_adapter")(unload_lora_adapter)
     return app
 
 
@@ -179,8 +183,79 @@ async def health(request: Request) -> JSONResponse:
 
 
 async def models(request: Request) -> dict[str, Any]:
-    model = {"id": request.app.state.model_name, "object": "model", "created": int(time.time())}
-    return {"object": "list", "data": [{**model, "owned_by": "vlmkit"}]}
+    s = request.app.state
+    now = int(time.time())
+    data = [
+        {"id": s.model_name, "object": "model", "created": now, "owned_by": "vlmkit", "root": s.model_name}
+    ]
+    adapters = s.engine.adapters
+    for name in adapters.names() if adapters is not None else []:
+        data.append(
+            {"id": name, "object": "model", "created": now, "owned_by": "vlmkit", "parent": s.model_name}
+        )
+    return {"object": "list", "data": data}
+
+
+class LoadAdapter(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapter(BaseModel):
+    lora_name: str = Field(min_length=1)
+
+
+def served_adapters(request: Request) -> Any:
+    adapters = request.app.state.engine.adapters
+    if adapters is None:
+        raise APIError(400, "this server was started without adapters support (start it with --max-loras N)")
+    return adapters
+
+
+async def load_lora_adapter(request: Request) -> JSONResponse:
+    """Read a peft LoRA folder on the server's disk and serve it under `lora_name` (behind --api-key)."""
+    body = await read_body(request, LoadAdapter)
+    adapters = served_adapters(request)
+    if body.lora_name == request.app.state.model_name or body.lora_name in adapters.names():
+        raise APIError(400, f"the name {body.lora_name!r} is taken; unload it first", param="lora_name")
+    try:
+        await asyncio.to_thread(adapters.add, body.lora_name, body.lora_path)
+    except AdapterError as e:
+        raise APIError(400, str(e), param="lora_path") from None
+    request.app.state.unloaded.discard(body.lora_name)
+    log.info("loaded adapter %s from %s", body.lora_name, body.lora_path)
+    return JSONResponse({"status": "ok", "lora_name": body.lora_name})
+
+
+async def unload_lora_adapter(request: Request) -> JSONResponse:
+    """Stop serving an adapter; requests already running with it finish with it."""
+    body = await read_body(request, UnloadAdapter)
+    try:
+        served_adapters(request).remove(body.lora_name)
+    except KeyError:
+        raise APIError(404, f"adapter {body.lora_name!r} is not loaded", param="lora_name") from None
+    request.app.state.unloaded.add(body.lora_name)
+    log.info("unloaded adapter %s", body.lora_name)
+    return JSONResponse({"status": "ok", "lora_name": body.lora_name})
+
+
+def requested_adapter(request: Request, model: str | None) -> str | None:
+    """The adapter a request's `model` names; None for the base model (its name, or any other name, as
+    llama.cpp's server takes it); 404 for an adapter that was unloaded."""
+    s = request.app.state
+    adapters = s.engine.adapters
+    if model is None or model == s.model_name:
+        return None
+    if adapters is not None and model in adapters.names():
+        return model
+    if model in s.unloaded:
+        raise APIError(
+            404,
+            f"adapter {model!r} is not loaded; load it with POST /v1/load_lora_adapter",
+            "invalid_request_error",
+            "model",
+        )
+    return None
 
 
 async def prometheus(request: Request) -> PlainTextResponse:
@@ -222,7 +297,8 @@ async def read_body(request: Request, schema: type[BaseModel]) -> Any:
         body = schema.model_validate(data)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
-    body.check_fields(request.app.state.vlm.tokenizer.vocab_size if body.logit_bias else 0)
+    if isinstance(body, SamplingFields):
+        body.check_fields(request.app.state.vlm.tokenizer.vocab_size if body.logit_bias else 0)
     return body
 
 
@@ -242,7 +318,8 @@ def failure(event: Event) -> EngineError:
 async def answer(request: Request, body: SamplingFields, inputs: dict, *, chat: bool) -> Any:
     """Submit one request to the engine and answer with its completion, whole or streamed."""
     s = request.app.state
-    reply = Reply(chat=chat, model=s.model_name, include_usage=body.include_usage)
+    adapter = requested_adapter(request, body.model)
+    reply = Reply(chat=chat, model=adapter or s.model_name, include_usage=body.include_usage)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     job = EngineRequest(
@@ -251,6 +328,7 @@ async def answer(request: Request, body: SamplingFields, inputs: dict, *, chat: 
         emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
         deadline=time.monotonic() + s.config.request_timeout,
         id=reply.id,
+        adapter=adapter,
     )
     try:
         s.engine.submit(job)
@@ -360,10 +438,14 @@ def serve(
     group_size: int | None = None,
     quantize_parts: Sequence[str] = (),
     tp: int = 1,
+    lora: dict[str, str] | None = None,
+    max_loras: int = 4,
 ) -> None:
     """Load `model` (quantized: see `vlmkit.load_model`) and serve it until SIGINT/SIGTERM; in-flight requests
     finish first (up to `server.drain_seconds`). tp: the model split over this many processes, each running
     this call under torchrun: rank 0 serves HTTP and schedules, every process runs the same model steps.
+    lora: {name: peft folder} adapters served from the start (more load at run time), at most `max_loras`
+    in memory at once.
 
         serve("demo", engine=EngineConfig(max_batch=8), server=ServerConfig(port=8123))
     """
@@ -396,7 +478,14 @@ def serve(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         Executor(vlm.model, engine_config).follow()
         return
-    running = Engine(vlm.model, vlm.tokenizer, engine_config).start()
+    adapters = None
+    if tp == 1:
+        adapters = AdapterSet(vlm.model, max_loaded=max_loras)
+        for name, path in (lora or {}).items():
+            adapters.add(name, path)
+    elif lora:
+        raise ValueError("LoRA adapters are not served on a model split over processes (tp > 1)")
+    running = Engine(vlm.model, vlm.tokenizer, engine_config, adapters=adapters).start()
     app = create_app(vlm, running, model_name=model, config=server_config)
     drain = server_config.drain_seconds
 

@@ -1,0 +1,249 @@
+"""LoRA adapters served beside their base model: several at once, each row of a batch with its own (or none),
+never merged into the shared weights.
+
+An adapter is a folder in peft's format (`adapter_config.json` + `adapter_model.safetensors`), as
+`vlmkit finetune --train lora` writes it. `AdapterSet` holds the adapters of one model, at most `max_loaded`
+of them read into memory (least recently used dropped first, read again from their folder when asked for),
+and adds each targeted layer's low-rank update through a forward hook: for the rows of each adapter in the
+call, scale * (x @ A.T) @ B.T, one product pair per adapter present (the rows segmented by adapter). Which
+rows use which adapter is set per call (`AdapterSet.rows`), by `generate` and by the serving engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PREFIX = "base_model.model."  # peft's name for the model it wraps, in front of every key
+REFUSED = {  # adapter_config.json settings whose weights are more than low-rank pairs on linear layers
+    "use_dora": "DoRA",
+    "modules_to_save": "modules_to_save (fully trained copies of layers)",
+    "trainable_token_indices": "trainable token rows",
+    "target_parameters": "target_parameters",
+    "lora_bias": "LoRA biases",
+}
+
+
+class AdapterError(ValueError):
+    """An adapter that does not fit this model or cannot be read; the message says which and why."""
+
+
+@dataclass
+class Adapter:
+    """One adapter's low-rank pairs by module path: A (r, in), B (out, r) and the update's scale; `digest`
+    names its content (the prefix cache keys its blocks by it)."""
+
+    name: str
+    path: Path
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    digest: bytes = b""
+
+    @property
+    def bytes(self) -> int:
+        return sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in self.layers.values()
+        )
+
+
+def _alpha(config: dict[str, Any], path: str) -> float:
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.search(pattern, path):
+            return float(alpha)
+    return float(config.get("lora_alpha", 8))
+
+
+def read_adapter(name: str, path: str | Path, model: nn.Module, scope: tuple[str, ...] = ()) -> Adapter:
+    """Read a peft LoRA folder for `model`; AdapterError when it targets layers the model does not have or
+    outside `scope` (module path prefixes), its shapes belong to another base model, or it holds more than
+    low-rank pairs on linear layers."""
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise AdapterError(
+            f"adapter {name!r}: {folder} needs adapter_config.json and adapter_model.safetensors (peft's format, "
+            "as `vlmkit finetune --train lora` writes)"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+        tensors = load_file(str(weights_file))
+        digest = hashlib.sha256(config_file.read_bytes() + weights_file.read_bytes()).digest()
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"adapter {name!r}: cannot read {folder}: {e}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"adapter {name!r} is a {config.get('peft_type')} adapter; only LoRA is served")
+    for key, what in REFUSED.items():
+        if config.get(key):
+            raise AdapterError(
+                f"adapter {name!r} uses {what}, which vlmkit does not serve; merge it with merge-lora"
+            )
+    if config.get("bias", "none") != "none" or config.get("fan_in_fan_out"):
+        raise AdapterError(
+            f"adapter {name!r}: bias training and fan_in_fan_out are not served; merge it instead"
+        )
+    modules = dict(model.named_modules())
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key.removeprefix(PREFIX))
+        if match is None:
+            raise AdapterError(f"adapter {name!r}: unexpected tensor {key!r} (only lora_A / lora_B weights)")
+        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+    layers = {}
+    for module_path, pair in pairs.items():
+        layer = modules.get(module_path)
+        if layer is None:
+            raise AdapterError(
+                f"adapter {name!r} targets {module_path!r}, which this model does not have: it was trained on "
+                "another base model (or family)"
+            )
+        if scope and not any(module_path == p or module_path.startswith(p + ".") for p in scope):
+            raise AdapterError(
+                f"adapter {name!r} changes {module_path!r}, outside the language model ({', '.join(scope)}): "
+                "picture features are computed once and shared by every adapter, so such adapters are not served"
+            )
+        if set(pair) != {"A", "B"}:
+            raise AdapterError(
+                f"adapter {name!r}: {module_path} lacks its lora_{'B' if 'A' in pair else 'A'}"
+            )
+        a, b = pair["A"], pair["B"]
+        in_features, out_features = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+        if a.shape[0] != b.shape[1] or (in_features, out_features) != (a.shape[1], b.shape[0]):
+            raise AdapterError(
+                f"adapter {name!r}: {module_path} is {out_features} x {in_features} in this model but the adapter's "
+                f"update is {b.shape[0]} x {a.shape[1]}: it was trained on another base model"
+            )
+        r = a.shape[0]
+        alpha = _alpha(config, module_path)
+        scale = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
+        layers[module_path] = (a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous(), scale)
+    if not layers:
+        raise AdapterError(f"adapter {name!r} in {folder} holds no LoRA weights")
+    return Adapter(name, folder, layers, digest)
+
+
+class AdapterSet:
+    """The adapters of one model by name, at most `max_loaded` in memory (LRU; a dropped one is read again from
+    its folder when asked for). Thread-safe registry; the per-call row assignment (`rows`) belongs to the
+    thread that runs the model."""
+
+    def __init__(self, model: nn.Module, *, max_loaded: int = 4) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded must be at least 1, got {max_loaded}")
+        if getattr(model, "tp_mesh", None) is not None:
+            raise ValueError("LoRA adapters are not served on a model split over processes (tp); use tp=1")
+        from vlmkit.models import family_of
+
+        self.model, self.max_loaded = model, max_loaded
+        self.scope = family_of(model).trainable.lora_scope
+        self.paths: dict[str, Path] = {}
+        self.loaded: OrderedDict[str, Adapter] = OrderedDict()
+        self.hooked: dict[nn.Module, str] = {}
+        self.groups: list[tuple[Adapter, torch.Tensor | None]] = []  # this call's (adapter, rows or all)
+        self.lock = threading.Lock()
+
+    # -- the registry ---------------------------------------------------------------------------
+
+    def add(self, name: str, path: str | Path) -> Adapter:
+        """Register and read an adapter (AdapterError when it does not fit the model)."""
+        if not name or name != name.strip():
+            raise AdapterError(f"give the adapter a name without surrounding spaces, got {name!r}")
+        adapter = read_adapter(name, path, self.model, self.scope)
+        with self.lock:
+            self.paths[name] = Path(path)
+            self._keep(adapter)
+        return adapter
+
+    def remove(self, name: str) -> None:
+        with self.lock:
+            if name not in self.paths:
+                raise KeyError(name)
+            del self.paths[name]
+            self.loaded.pop(name, None)
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return list(self.paths)
+
+    def get(self, name: str) -> Adapter:
+        """The adapter, read again from its folder if it was dropped (KeyError when not registered)."""
+        with self.lock:
+            if name not in self.paths:
+                raise KeyError(name)
+            adapter = self.loaded.get(name)
+            if adapter is not None:
+                self.loaded.move_to_end(name)
+                return adapter
+            path = self.paths[name]
+        adapter = read_adapter(name, path, self.model, self.scope)
+        with self.lock:
+            self._keep(adapter)
+        return adapter
+
+    def _keep(self, adapter: Adapter) -> None:
+        self.loaded[adapter.name] = adapter
+        self.loaded.move_to_end(adapter.name)
+        while (
+            len(self.loaded) > self.max_loaded
+        ):  # rows still running with a dropped one keep their reference
+            self.loaded.popitem(last=False)
+        modules = dict(self.model.named_modules())
+        for path in adapter.layers:
+            module = modules[path]
+            if module not in self.hooked:
+                module.register_forward_hook(self._hook)
+                self.hooked[module] = path
+
+    # -- applying them --------------------------------------------------------------------------
+
+    @contextmanager
+    def rows(self, adapters: list[Adapter | None]) -> Iterator[None]:
+        """Within: row i of each model call uses adapters[i] (None: the base model). One entry stands for
+        every row (a prompt, or generate's batch with one adapter)."""
+        groups: list[tuple[Adapter, torch.Tensor | None]] = []
+        if len(adapters) == 1:
+            if adapters[0] is not None:
+                groups.append((adapters[0], None))
+        else:
+            by_id: dict[int, list[int]] = {}
+            for i, a in enumerate(adapters):
+                if a is not None:
+                    by_id.setdefault(id(a), []).append(i)
+            objects = {id(a): a for a in adapters if a is not None}
+            device = next(self.model.parameters()).device
+            groups = [(objects[k], torch.tensor(v, device=device)) for k, v in by_id.items()]
+        previous, self.groups = self.groups, groups
+        try:
+            yield
+        finally:
+            self.groups = previous
+
+    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        if not self.groups:
+            return output
+        path = self.hooked[module]
+        x = inputs[0]
+        for adapter, rows in self.groups:
+            layer = adapter.layers.get(path)
+            if layer is None:
+                continue
+            a, b, scale = layer
+            if rows is None:
+                output = output + scale * ((x.to(a.dtype) @ a.t()) @ b.t()).to(output.dtype)
+            else:
+                update = scale * ((x[rows].to(a.dtype) @ a.t()) @ b.t()).to(output.dtype)
+                output = output.index_add(0, rows, update)
+        return output
