@@ -409,6 +409,7 @@ class ScriptedEngine:
 
     config = EngineConfig()
     error = None
+    adapters = None
     queue_depth = running = 0
 
     def __init__(self, answer, *, at_submit: bool = False) -> None:
