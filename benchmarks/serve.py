@@ -16,6 +16,15 @@ clients served first come, first served.
 Then time to first token of a new picture and of the same request again (prefix and feature caches).
 
     .venv/bin/python benchmarks/serve.py [--family vipllava] [--runs fresh:24:1 fresh:24:16 chat:24:16 ...]
+
+`--features` measures instead, in-process on the engine (no HTTP), on the demo model and on the checkpoint
+above, each run twice in alternation and the better kept:
+- LoRA: 16 requests of 48 tokens spread over 4 adapters (random rank-8 peft folders on q/k/v/o/gate/up/down,
+  as `finetune --train lora --lora-targets ...` would write) against the same 16 on the base model: decode
+  tokens/s, and their ratio (goal: at least 70%);
+- structured output: 8 requests (and 1) of 48 tokens held to a JSON schema whose string never closes
+  within them, against the same requests free (their end token banned with logit_bias, so both runs make
+  exactly 48 tokens per row): tokens/s and the overhead per token (goal: under 10% of a decode step).
 """
 
 from __future__ import annotations
@@ -155,6 +164,107 @@ class Reference:
         )
 
 
+def random_adapter(folder: Path, model: torch.nn.Module, family: str, seed: int) -> Path:
+    """A rank-8 LoRA folder in peft's layout on every attention and MLP projection of the language model."""
+    from safetensors.torch import save_file
+
+    from vlmkit.models import family_of
+
+    scope = family_of(model).trainable.lora_scope
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") and any(
+            name.startswith(p + ".") for p in scope
+        ):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = (
+                torch.randn(8, module.in_features, generator=g) * 0.02
+            )
+            tensors[f"base_model.model.{name}.lora_B.weight"] = (
+                torch.randn(module.out_features, 8, generator=g) * 0.02
+            )
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ".*_proj$", "bias": "none"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def engine_tokens_per_s(vlm, jobs: list[dict], *, adapters=None, max_batch: int = 16) -> float:
+    """Submit every job (SamplingParams fields, plus `adapter`) at once to a fresh engine; completion tokens/s."""
+    import threading
+
+    from vlmkit.models import family_of
+    from vlmkit.serve.engine import Engine, Request, SamplingParams
+    from vlmkit.vlm import user_turn
+
+    engine = Engine(
+        vlm.model, vlm.tokenizer, max_batch=max_batch, max_seq_len=1024, adapters=adapters
+    ).start()
+    question = requests(family_of(vlm.model).name, 1, 0)[0]
+    inputs = vlm.chat_inputs([user_turn(question.question, question.images)])
+    done, requests_ = threading.Event(), []
+    left = [len(jobs)]
+
+    def finished(ev) -> None:
+        if ev.finish_reason is not None:
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+
+    started = time.perf_counter()
+    for job in jobs:
+        job = dict(job)
+        adapter = job.pop("adapter", None)
+        r = Request(inputs=inputs, params=SamplingParams(**job), emit=finished, adapter=adapter)
+        requests_.append(r)
+        engine.submit(r)
+    done.wait()
+    elapsed = time.perf_counter() - started
+    engine.stop()
+    return sum(r.completion_tokens for r in requests_) / elapsed
+
+
+def features(folder: Path, family: str) -> dict:
+    """The LoRA and structured-output figures of one checkpoint (see the module docstring)."""
+    import vlmkit
+    from vlmkit.adapters import AdapterSet
+    from vlmkit.structured import Constraint
+
+    vlm = vlmkit.VLM.load(folder, batched=True)
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = AdapterSet(vlm.model, max_loaded=4)
+        for i in range(4):
+            adapters.add(f"a{i}", random_adapter(Path(tmp) / f"a{i}", vlm.model, family, i))
+        eos = vlm.tokenizer.eos_token_id
+        base = [dict(max_tokens=48, logit_bias={eos: -100.0})] * 16
+        spread = [dict(max_tokens=48, logit_bias={eos: -100.0}, adapter=f"a{i % 4}") for i in range(16)]
+        best = {"base": 0.0, "lora": 0.0}
+        for _ in range(2):
+            best["base"] = max(best["base"], engine_tokens_per_s(vlm, base, adapters=adapters))
+            best["lora"] = max(best["lora"], engine_tokens_per_s(vlm, spread, adapters=adapters))
+        out["lora_16_over_4_tok_s"], out["base_16_tok_s"] = best["lora"], best["base"]
+        out["lora_ratio"] = best["lora"] / best["base"]
+    schema = {
+        "type": "object",
+        "properties": {"text": {"type": "string", "minLength": 2000}},
+        "required": ["text"],
+    }
+    json_schema = Constraint("json_schema", schema)
+    for rows in (1, 8):
+        free = [dict(max_tokens=48, logit_bias={eos: -100.0})] * rows
+        held = [dict(max_tokens=48, constraint=json_schema)] * rows
+        best = {"free": 0.0, "held": 0.0}
+        for _ in range(2):
+            best["free"] = max(best["free"], engine_tokens_per_s(vlm, free, max_batch=8))
+            best["held"] = max(best["held"], engine_tokens_per_s(vlm, held, max_batch=8))
+        out[f"free_b{rows}_tok_s"], out[f"json_b{rows}_tok_s"] = best["free"], best["held"]
+        out[f"json_overhead_b{rows}"] = best["free"] / best["held"] - 1
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=["vipllava", "idefics"], default="vipllava")
@@ -166,8 +276,29 @@ def main() -> None:
     )
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--features", action="store_true", help="LoRA and structured-output figures instead")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.features:
+        from vlmkit.models import builtin_model
+
+        report = {
+            "demo": features(
+                builtin_model("demo" if args.family == "vipllava" else "demo-idefics"), args.family
+            )
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            build(Path(tmp), args.family, args.layers, args.width)
+            report[f"{args.layers}x{args.width}"] = features(Path(tmp), args.family)
+        for name, r in report.items():
+            print(
+                f"{name}: 16 requests over 4 adapters {r['lora_16_over_4_tok_s']:.1f} tok/s vs base "
+                f"{r['base_16_tok_s']:.1f} ({100 * r['lora_ratio']:.0f}%); JSON schema b1 {r['json_b1_tok_s']:.1f} "
+                f"vs free {r['free_b1_tok_s']:.1f} tok/s (+{100 * r['json_overhead_b1']:.1f}% per token), b8 "
+                f"{r['json_b8_tok_s']:.1f} vs {r['free_b8_tok_s']:.1f} (+{100 * r['json_overhead_b8']:.1f}%)"
+            )
+        print(json.dumps(report))
+        return
     runs = []
     for run in args.runs:
         workload, max_tokens, clients = run.split(":")

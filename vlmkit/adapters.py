@@ -4,9 +4,10 @@ never merged into the shared weights.
 An adapter is a folder in peft's format (`adapter_config.json` + `adapter_model.safetensors`), as
 `vlmkit finetune --train lora` writes it. `AdapterSet` holds the adapters of one model, at most `max_loaded`
 of them read into memory (least recently used dropped first, read again from their folder when asked for),
-and adds each targeted layer's low-rank update through a forward hook: for the rows of each adapter in the
-call, scale * (x @ A.T) @ B.T, one product pair per adapter present (the rows segmented by adapter). Which
-rows use which adapter is set per call (`AdapterSet.rows`), by `generate` and by the serving engine.
+and adds each targeted layer's low-rank update through a forward hook: the pairs of the adapters in the call
+are stacked once, each row with an adapter gathers its own A and B, and two batched products give every
+row's scale * (x @ A.T) @ B.T (one pair of thin products when a single adapter serves every row). Which rows
+use which adapter is set per call (`AdapterSet.rows`), by `generate` and by the serving engine.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,10 @@ class AdapterSet:
         self.paths: dict[str, Path] = {}
         self.loaded: OrderedDict[str, Adapter] = OrderedDict()
         self.hooked: dict[nn.Module, str] = {}
-        self.groups: list[tuple[Adapter, torch.Tensor | None]] = []  # this call's (adapter, rows or all)
+        self.call: Call | None = None
+        self.stacks: dict[
+            tuple[str, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, tuple[Adapter, ...]]
+        ] = {}
         self.lock = threading.Lock()
 
     # -- the registry ---------------------------------------------------------------------------
@@ -213,37 +217,78 @@ class AdapterSet:
     def rows(self, adapters: list[Adapter | None]) -> Iterator[None]:
         """Within: row i of each model call uses adapters[i] (None: the base model). One entry stands for
         every row (a prompt, or generate's batch with one adapter)."""
-        groups: list[tuple[Adapter, torch.Tensor | None]] = []
-        if len(adapters) == 1:
-            if adapters[0] is not None:
-                groups.append((adapters[0], None))
-        else:
-            by_id: dict[int, list[int]] = {}
-            for i, a in enumerate(adapters):
-                if a is not None:
-                    by_id.setdefault(id(a), []).append(i)
-            objects = {id(a): a for a in adapters if a is not None}
-            device = next(self.model.parameters()).device
-            groups = [(objects[k], torch.tensor(v, device=device)) for k, v in by_id.items()]
-        previous, self.groups = self.groups, groups
+        # in a fixed order (by name), so the stacks of a set of adapters are built once, whatever the rows' order
+        present = sorted(
+            {id(a): a for a in adapters if a is not None}.values(), key=lambda a: (a.name, id(a))
+        )
+        call = None
+        if present:
+            which = None  # one adapter for every row
+            if not (len(adapters) == 1 or all(a is present[0] for a in adapters)):
+                slot = {id(a): k for k, a in enumerate(present)}
+                which = torch.zeros(len(adapters), len(present))
+                for i, a in enumerate(adapters):
+                    if a is not None:
+                        which[i, slot[id(a)]] = 1.0
+            call = Call(tuple(present), which)
+        previous, self.call = self.call, call
         try:
             yield
         finally:
-            self.groups = previous
+            self.call = previous
+
+    def _stack(self, path: str, present: tuple[Adapter, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The adapters' pairs of one layer side by side: A (k * r, in) and B (out, k * r), B scaled, each rank
+        padded to the largest with zeros (which add nothing); None when none of them changes this layer.
+        Kept while the same set of adapters is in use."""
+        key = (path, tuple(id(a) for a in present))
+        cached = self.stacks.get(key)
+        if cached is not None and all(c is a for c, a in zip(cached[2], present, strict=True)):
+            return cached[0], cached[1]
+        pairs = [a.layers.get(path) for a in present]
+        if all(p is None for p in pairs):
+            return None
+        some = next(p for p in pairs if p is not None)
+        rank = max(p[0].shape[0] for p in pairs if p is not None)
+        A = some[0].new_zeros(len(present) * rank, some[0].shape[1])
+        B = some[1].new_zeros(some[1].shape[0], len(present) * rank)
+        for k, pair in enumerate(pairs):
+            if pair is not None:
+                a, b, scale = pair
+                A[k * rank : k * rank + a.shape[0]] = a
+                B[:, k * rank : k * rank + b.shape[1]] = b * scale
+        if len(self.stacks) > 1024:
+            self.stacks.clear()
+        self.stacks[key] = (A, B, present)
+        return A, B
 
     def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        if not self.groups:
+        call = self.call
+        if call is None:
             return output
-        path = self.hooked[module]
-        x = inputs[0]
-        for adapter, rows in self.groups:
-            layer = adapter.layers.get(path)
-            if layer is None:
-                continue
-            a, b, scale = layer
-            if rows is None:
-                output = output + scale * ((x.to(a.dtype) @ a.t()) @ b.t()).to(output.dtype)
-            else:
-                update = scale * ((x[rows].to(a.dtype) @ a.t()) @ b.t()).to(output.dtype)
-                output = output.index_add(0, rows, update)
-        return output
+        stack = self._stack(self.hooked[module], call.adapters)
+        if stack is None:
+            return output
+        A, B = stack
+        low = inputs[0].to(A.dtype) @ A.t()  # (n, T, k * r): every row through every adapter's A, one product
+        if call.which is not None:  # keep each row's own adapter's columns (rows without one keep none)
+            low = low * call.columns(A.shape[0] // len(call.adapters), A)[:, None, :]
+        return output + (low @ B.t()).to(output.dtype)
+
+
+@dataclass
+class Call:
+    """The adapters of one model call: in a fixed order, and which row uses which (n, k) one-hot rows, None
+    when one adapter serves every row."""
+
+    adapters: tuple[Adapter, ...]
+    which: torch.Tensor | None
+    _columns: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def columns(self, rank: int, like: torch.Tensor) -> torch.Tensor:
+        """(n, k * rank): 1 on the columns of each row's own adapter, for stacks of that rank."""
+        mask = self._columns.get(rank)
+        if mask is None:
+            mask = self.which.repeat_interleave(rank, dim=1).to(like.device, like.dtype)
+            self._columns[rank] = mask
+        return mask

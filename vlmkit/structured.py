@@ -3,8 +3,8 @@ a list of choices, by masking at every step the tokens that could not continue a
 
 The grammar engine is llguidance: it reads the checkpoint's own `tokenizer.json` (no second tokenizer to keep
 in step), compiles a JSON schema or regex in milliseconds, and computes a step's mask without holding the
-interpreter lock, so the engine computes each row's next mask while the model runs the next forward
-(`Guide.prepare`). `Constraint` is what a caller asks for (OpenAI's `response_format`, vLLM's `guided_*`);
+interpreter lock, so where a mask is slow to compute the engine computes each row's next one while the model
+runs the next forward (`Guide.advance`). `Constraint` is what a caller asks for (OpenAI's `response_format`, vLLM's `guided_*`);
 `Guide` is one row's grammar state.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,6 +27,7 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 # the request fields that ask for a constraint: OpenAI's, then vLLM's
 CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_grammar", "guided_choice")
 _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmkit-guide")
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,12 @@ def check_constraint(constraint: Constraint) -> None:
 
 class Guide:
     """One row's grammar state: which tokens may come next (`allowed`), advanced by each chosen token
-    (`advance`). `prepare` starts computing the next mask on a worker thread (llguidance releases the
-    interpreter lock), so it overlaps whatever runs meanwhile; `allowed` waits for it."""
+    (`advance`). When a mask takes longer to compute than handing it to a worker thread costs (large
+    vocabularies, complex grammars; timed on the first mask), `advance` starts the next one on a worker
+    (llguidance releases the interpreter lock), so it overlaps whatever runs meanwhile, the next forward in
+    the engine; else it is computed when asked for."""
+
+    HANDOFF_S = 150e-6  # measured cost of a thread-pool round trip here; cheaper masks are computed in place
 
     def __init__(self, constraint: Constraint, tokenizer: Any, vocab_size: int, eos: list[int]) -> None:
         from llguidance import LLMatcher
@@ -147,27 +153,29 @@ class Guide:
         self.constraint = constraint
         self.matcher = LLMatcher(lltok, grammar)
         self.vocab_size = vocab_size
-        self._next: Future[bytes] | None = None
-        self.prepare()
-
-    def prepare(self) -> None:
-        self._next = _POOL.submit(self.matcher.compute_bitmask)
+        started = time.perf_counter()
+        self._ready: bytes | Future[bytes] | None = self.matcher.compute_bitmask()
+        self.background = time.perf_counter() - started > self.HANDOFF_S
 
     def allowed(self) -> torch.Tensor:
         """(vocab_size,) bool: the tokens that keep the answer a possible match (EOS once it is complete)."""
-        if self._next is None:
-            self.prepare()
-        bits = torch.frombuffer(bytearray(self._next.result()), dtype=torch.uint8)
-        self._next = None
-        shifts = torch.arange(8, dtype=torch.uint8)
-        return ((bits[:, None] >> shifts) & 1).flatten()[: self.vocab_size].bool()
+        ready, self._ready = self._ready, None
+        if ready is None:
+            ready = self.matcher.compute_bitmask()
+        elif isinstance(ready, Future):
+            ready = ready.result()
+        bits = torch.frombuffer(bytearray(ready), dtype=torch.uint8)
+        return ((bits[:, None] >> _SHIFTS) & 1).flatten()[: self.vocab_size].bool()
 
     def advance(self, token: int) -> None:
-        """Take the chosen token; start the next mask. A token the mask allowed never fails."""
+        """Take the chosen token (one the mask allowed never fails); start the next mask if that pays."""
+        if isinstance(self._ready, Future):  # never consume while a mask is being computed
+            self._ready.result()
+        self._ready = None
         if not self.matcher.consume_token(int(token)):
             raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
-        if not self.matcher.is_stopped():
-            self.prepare()
+        if self.background and not self.matcher.is_stopped():
+            self._ready = _POOL.submit(self.matcher.compute_bitmask)
 
 
 def mask_scores(scores: torch.Tensor, guides: list[Guide | None]) -> torch.Tensor:
