@@ -238,7 +238,8 @@ class AdapterSet:
             self.call = previous
 
     def _stack(self, path: str, present: tuple[Adapter, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The adapters' pairs of one layer side by side: A (k * r, in) and B (out, k * r), B scaled, each rank
+        """The adapters' pairs of one layer side by side, transposed for the products: A.T (in, k * r) and B.T
+        (k * r, out), B scaled, each rank
         padded to the largest with zeros (which add nothing); None when none of them changes this layer.
         Kept while the same set of adapters is in use."""
         key = (path, tuple(id(a) for a in present))
@@ -250,13 +251,13 @@ class AdapterSet:
             return None
         some = next(p for p in pairs if p is not None)
         rank = max(p[0].shape[0] for p in pairs if p is not None)
-        A = some[0].new_zeros(len(present) * rank, some[0].shape[1])
-        B = some[1].new_zeros(some[1].shape[0], len(present) * rank)
+        A = some[0].new_zeros(some[0].shape[1], len(present) * rank)
+        B = some[1].new_zeros(len(present) * rank, some[1].shape[0])
         for k, pair in enumerate(pairs):
             if pair is not None:
                 a, b, scale = pair
-                A[k * rank : k * rank + a.shape[0]] = a
-                B[:, k * rank : k * rank + b.shape[1]] = b * scale
+                A[:, k * rank : k * rank + a.shape[0]] = a.t()
+                B[k * rank : k * rank + b.shape[1]] = (b * scale).t()
         if len(self.stacks) > 1024:
             self.stacks.clear()
         self.stacks[key] = (A, B, present)
@@ -269,11 +270,13 @@ class AdapterSet:
         stack = self._stack(self.hooked[module], call.adapters)
         if stack is None:
             return output
-        A, B = stack
-        low = inputs[0].to(A.dtype) @ A.t()  # (n, T, k * r): every row through every adapter's A, one product
+        A, B = stack  # (in, k * r) and (k * r, out), laid out for the two products
+        x = inputs[0]
+        low = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A  # every row through every adapter's A: one product
         if call.which is not None:  # keep each row's own adapter's columns (rows without one keep none)
-            low = low * call.columns(A.shape[0] // len(call.adapters), A)[:, None, :]
-        return output + (low @ B.t()).to(output.dtype)
+            low.mul_(call.columns(A.shape[1] // len(call.adapters), A, x.shape[-2] if x.dim() == 3 else 1))
+        flat = output.reshape(-1, output.shape[-1])
+        return torch.addmm(flat, low.to(output.dtype), B.to(output.dtype)).view(output.shape)
 
 
 @dataclass
@@ -283,12 +286,14 @@ class Call:
 
     adapters: tuple[Adapter, ...]
     which: torch.Tensor | None
-    _columns: dict[int, torch.Tensor] = field(default_factory=dict)
+    _columns: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
-    def columns(self, rank: int, like: torch.Tensor) -> torch.Tensor:
-        """(n, k * rank): 1 on the columns of each row's own adapter, for stacks of that rank."""
-        mask = self._columns.get(rank)
+    def columns(self, rank: int, like: torch.Tensor, tokens: int) -> torch.Tensor:
+        """(n * tokens, k * rank): 1 on the columns of each row's own adapter, for stacks of that rank and
+        calls of `tokens` positions per row."""
+        mask = self._columns.get((rank, tokens))
         if mask is None:
-            mask = self.which.repeat_interleave(rank, dim=1).to(like.device, like.dtype)
-            self._columns[rank] = mask
+            mask = self.which.repeat_interleave(rank, dim=1).repeat_interleave(tokens, dim=0)
+            mask = mask.to(like.device, like.dtype)
+            self._columns[(rank, tokens)] = mask
         return mask

@@ -27,7 +27,6 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 # the request fields that ask for a constraint: OpenAI's, then vLLM's
 CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_grammar", "guided_choice")
 _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vlmkit-guide")
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,10 @@ class Constraint:
         text = str(self.spec)
         lark = text if "::=" not in text else gbnf_to_lark(text)
         return LLMatcher.grammar_from_lark(lark)
+
+    def key(self) -> str:
+        """A text that names this constraint exactly (its spec may be a dict, which does not hash)."""
+        return json.dumps([self.kind, self.spec], sort_keys=True, default=list)
 
     def describe(self) -> str:
         return {"json_object": "a JSON object", "json_schema": "the JSON schema"}.get(
@@ -134,38 +137,61 @@ def check_constraint(constraint: Constraint) -> None:
     checked_grammar(constraint)
 
 
+_COMPILED: dict[tuple[str, int], tuple[Any, Any, bytes, float]] = {}
+
+
+def _compiled(constraint: Constraint, lltokenizer: Any) -> tuple[Any, bytes, float]:
+    """A matcher for the constraint at its start (to copy), its first mask, and how long that mask took;
+    kept for the last 64 (constraint, tokenizer) pairs."""
+    from llguidance import LLMatcher
+
+    key = (constraint.key(), id(lltokenizer))
+    hit = _COMPILED.get(key)
+    if hit is not None and hit[0] is lltokenizer:
+        return hit[1], hit[2], hit[3]
+    matcher = LLMatcher(lltokenizer, checked_grammar(constraint, lltokenizer))
+    first = matcher.compute_logit_bias()  # the first one also warms the matcher up: time the next ones
+    seconds = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        matcher.compute_logit_bias()
+        seconds = min(seconds, time.perf_counter() - started)
+    if len(_COMPILED) >= 64:
+        _COMPILED.pop(next(iter(_COMPILED)))
+    _COMPILED[key] = (lltokenizer, matcher, first, seconds)
+    return matcher, first, seconds
+
+
 class Guide:
     """One row's grammar state: which tokens may come next (`allowed`), advanced by each chosen token
     (`advance`). When a mask takes longer to compute than handing it to a worker thread costs (large
-    vocabularies, complex grammars; timed on the first mask), `advance` starts the next one on a worker
+    vocabularies, complex grammars; timed on the constraint's first mask, once warm), `advance` starts the next one on a worker
     (llguidance releases the interpreter lock), so it overlaps whatever runs meanwhile, the next forward in
     the engine; else it is computed when asked for."""
 
     HANDOFF_S = 150e-6  # measured cost of a thread-pool round trip here; cheaper masks are computed in place
 
     def __init__(self, constraint: Constraint, tokenizer: Any, vocab_size: int, eos: list[int]) -> None:
-        from llguidance import LLMatcher
 
         if not eos:
             raise ValueError("constrained decoding needs an end-of-answer token, and this tokenizer has none")
         lltok = _lltokenizer(tokenizer.backend.to_str(), vocab_size, tuple(eos))
-        grammar = checked_grammar(constraint, lltok)
+        prototype, first, seconds = _compiled(constraint, lltok)
         self.constraint = constraint
-        self.matcher = LLMatcher(lltok, grammar)
+        self.matcher = prototype.deep_copy()  # compiled once per constraint; a copy is much cheaper
         self.vocab_size = vocab_size
-        started = time.perf_counter()
-        self._ready: bytes | Future[bytes] | None = self.matcher.compute_bitmask()
-        self.background = time.perf_counter() - started > self.HANDOFF_S
+        self._ready: bytes | Future[bytes] | None = first
+        self.background = seconds > self.HANDOFF_S
 
     def allowed(self) -> torch.Tensor:
         """(vocab_size,) bool: the tokens that keep the answer a possible match (EOS once it is complete)."""
         ready, self._ready = self._ready, None
         if ready is None:
-            ready = self.matcher.compute_bitmask()
+            ready = self.matcher.compute_logit_bias()
         elif isinstance(ready, Future):
             ready = ready.result()
-        bits = torch.frombuffer(bytearray(ready), dtype=torch.uint8)
-        return ((bits[:, None] >> _SHIFTS) & 1).flatten()[: self.vocab_size].bool()
+        # one byte per token, 0 where it is not allowed: cheaper to turn into a mask than a bitmask's bits
+        return torch.frombuffer(bytearray(ready), dtype=torch.uint8)[: self.vocab_size].bool()
 
     def advance(self, token: int) -> None:
         """Take the chosen token (one the mask allowed never fails); start the next mask if that pays."""
@@ -175,13 +201,15 @@ class Guide:
         if not self.matcher.consume_token(int(token)):
             raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
         if self.background and not self.matcher.is_stopped():
-            self._ready = _POOL.submit(self.matcher.compute_bitmask)
+            self._ready = _POOL.submit(self.matcher.compute_logit_bias)
 
 
 def mask_scores(scores: torch.Tensor, guides: list[Guide | None]) -> torch.Tensor:
     """scores (R, V) with every token a row's guide does not allow at -inf (rows without one untouched)."""
     if not any(g is not None for g in guides):
         return scores
+    if len(guides) == 1:  # one row (the engine's): one select, no copy first
+        return torch.where(guides[0].allowed().to(scores.device), scores, -float("inf"))
     scores = scores.clone()
     for r, guide in enumerate(guides):
         if guide is not None:
