@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -411,6 +412,8 @@ class ScriptedEngine:
     error = None
     adapters = None
     queue_depth = running = 0
+    features = SimpleNamespace(hits=0)  # what /metrics reads of the caches
+    prefix = SimpleNamespace(hit_tokens=0, items={})
 
     def __init__(self, answer, *, at_submit: bool = False) -> None:
         self.answer, self.at_submit, self.requests = answer, at_submit, []

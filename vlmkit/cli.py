@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -169,6 +170,8 @@ def sampling_arguments(p: argparse.ArgumentParser) -> None:
 def sampling(args: argparse.Namespace) -> dict:
     import torch
 
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
     settings = {"max_new_tokens": args.max_new_tokens, "repetition_penalty": args.repetition_penalty}
     if args.temperature > 0:
         settings.update(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)

@@ -10,6 +10,7 @@ returns a `vlmkit.runner.DecoderSession` whose `step` feeds one token per row th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,14 +64,18 @@ class GenerationConfig:
             bad(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         if not isinstance(self.min_new_tokens, int) or self.min_new_tokens < 0:
             bad(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
-        if self.temperature is None or self.temperature < 0:
-            bad(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.temperature is None or not math.isfinite(self.temperature) or self.temperature < 0:
+            bad(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
             bad(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if self.top_p is None or not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.repetition_penalty is None or self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if (
+            self.repetition_penalty is None
+            or not math.isfinite(self.repetition_penalty)
+            or self.repetition_penalty <= 0
+        ):
+            bad(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
         if not isinstance(self.num_beams, int) or self.num_beams < 1:
             bad(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
         if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
@@ -366,6 +371,18 @@ class GenerationMixin:
     def default_pad(self) -> int | None:
         return getattr(self.config, "pad_token_id", None)
 
+    def check_prompt_length(self, input_ids: torch.Tensor) -> None:
+        """Refuse, before any work, a prompt longer than the text model's context (max_position_embeddings):
+        attention over it would take memory quadratic in its length, and positions past the context were never
+        trained."""
+        text = getattr(self.config, "text_config", self.config)
+        limit = getattr(text, "max_position_embeddings", None)
+        if limit is not None and input_ids.shape[-1] > limit:
+            raise ValueError(
+                f"the prompt is {input_ids.shape[-1]} tokens long, more than this model's context of {limit} "
+                f"tokens (max_position_embeddings); shorten it"
+            )
+
     @torch.inference_mode()
     def generate(
         self,
@@ -386,6 +403,7 @@ class GenerationMixin:
         decode = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else None
         if config.stop_strings and decode is None:
             raise ValueError("stop_strings need a tokenizer to decode with: pass tokenizer=...")
+        self.check_prompt_length(input_ids)
         session = self.start_session(input_ids, attention_mask=attention_mask, config=config, **inputs)
         try:
             if config.num_beams > 1:
@@ -420,6 +438,7 @@ class GenerationMixin:
         if config.num_beams > 1:
             raise ValueError("beam search cannot stream: its best sequence is known only at the end")
         decode = (lambda ids: tokenizer.decode(ids)) if tokenizer is not None else None
+        self.check_prompt_length(input_ids)
         with torch.inference_mode():
             session = self.start_session(input_ids, attention_mask=attention_mask, config=config, **inputs)
         try:

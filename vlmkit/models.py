@@ -271,6 +271,7 @@ def load_model(
 
         >>> model = load_model("demo-idefics", quantize="int8")
     """
+    device = parse_device(device)
     folder = resolve_model(path_or_repo_id, revision=revision)
     raw = read_config(folder)
     family = family_for(raw, str(folder / "config.json"))
@@ -305,6 +306,21 @@ def load_model(
     if inference and tp == 1 and next(model.parameters()).device.type == "cpu":
         optimize_for_cpu_inference(model, batched=batched)
     return model.eval()
+
+
+def parse_device(device: torch.device | str | None) -> torch.device | None:
+    """A device name checked before anything is read: unknown kinds and absent GPUs are named as such."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this machine has no CUDA GPU (use cpu)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here (use cpu)")
+    return parsed
 
 
 def split_over_processes(

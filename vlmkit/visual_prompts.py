@@ -166,10 +166,20 @@ def draw_prompt(image: Image.Image, spec: dict[str, Any], *, seed: int | None = 
     if not isinstance(alpha, (int, float)) or not 0 < alpha <= 1:
         raise ValueError(f"{kind}: 'alpha' must be in (0, 1], got {alpha!r}")
     width = spec.get("width", default_width(image))
-    if not isinstance(width, (int, float)) or width <= 0:
-        raise ValueError(f"{kind}: 'width' must be a positive number of pixels, got {width!r}")
+    widest = max(image.size)  # a wider stroke covers nothing more, and drawing it would take minutes
+    if (
+        isinstance(width, bool)
+        or not isinstance(width, (int, float))
+        or not math.isfinite(width)
+        or not 0 < width <= widest
+    ):
+        raise ValueError(
+            f"{kind}: 'width' must be a number of pixels in (0, {widest}] (the picture's longer side), got {width!r}"
+        )
     width = max(1, round(width))
     seed = spec.get("seed", seed)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"{kind}: 'seed' must be an integer in [0, 2**63), got {seed!r}")
     rng = np.random.default_rng(seed) if seed is not None else None
     base = image.convert("RGB")
     layer = _coverage(spec, kind, base, width, rng)

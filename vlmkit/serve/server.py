@@ -13,9 +13,11 @@ share on `app.state`: vlm, engine, config, metrics, model_name.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from vlmkit.adapters import AdapterError, AdapterSet
 from vlmkit.models import DEFAULT_MODEL
@@ -49,6 +52,7 @@ from vlmkit.serve.protocol import (
     SamplingFields,
     convert_messages,
     error_body,
+    parse_body,
 )
 
 PAGE = Path(__file__).parent / "static" / "index.html"
@@ -140,15 +144,32 @@ async def guard(request: Request, call_next: Any) -> Any:
         message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
         response = JSONResponse(error_body(message, "authentication_error"), status_code=401)
     else:
-        response = await call_next(request)
-    if route.startswith("/v1/"):
-        request.app.state.metrics.requests.labels(route=route, status=str(response.status_code)).inc()
+        try:
+            response = await call_next(request)
+        except Exception:  # one place turns every unexpected failure into an OpenAI-style 500 with an id
+            incident = "err-" + uuid.uuid4().hex[:16]
+            log.exception("%s: unexpected failure on %s %s", incident, request.method, route)
+            message = f"internal error {incident}; the server logged it under that id"
+            response = JSONResponse(error_body(message, "server_error"), status_code=500)
+    if route.startswith("/v1/"):  # labelled by the route's template: any path a client makes up is one label
+        labels = {"route": route_template(request), "status": str(response.status_code)}
+        request.app.state.metrics.requests.labels(**labels).inc()
     return response
 
 
+def route_template(request: Request) -> str:
+    """The path template of the app's route that serves this request ("unmatched" for none)."""
+    for candidate in request.app.router.routes:
+        match, _ = candidate.matches(request.scope)
+        if match == Match.FULL:
+            return candidate.path
+    return "unmatched"
+
+
 def _authorised(request: Request, key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    return header.startswith("Bearer ") and header.removeprefix("Bearer ").strip() == key
+    """`Authorization: Bearer KEY` (the scheme in any case, as RFC 7235 has it), compared in constant time."""
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -289,10 +310,7 @@ async def read_body(request: Request, schema: type[BaseModel]) -> Any:
     raw = await request.body()
     if len(raw) > limit:
         raise APIError(413, f"request body exceeds the limit of {limit} bytes")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the body is not valid JSON: {e}") from None
+    data = parse_body(raw)
     try:
         body = schema.model_validate(data)
     except ValidationError as e:

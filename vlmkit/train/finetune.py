@@ -107,6 +107,8 @@ class FinetuneConfig:
                 "sharded checkpoints hold them: train QLoRA without fsdp (DDP), or LoRA with fsdp on an "
                 "unquantized base"
             )
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or left out: the epochs decide), got {self.max_steps}")
         if self.on_bad_sample not in ("skip", "error"):
             raise ValueError(f"on_bad_sample must be 'skip' or 'error', got {self.on_bad_sample!r}")
         for name in ("epochs", "batch_size", "grad_accum", "max_length", "lora_r"):
