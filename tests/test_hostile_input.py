@@ -65,7 +65,7 @@ def test_huge_visual_prompts_are_refused_at_once(demo, spec):
 @pytest.mark.parametrize(
     "raw,why",
     [
-        (b'{"prompt": "hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nests"),
+        (b'{"prompt": "hi", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested"),
         (b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "characters"),
         (b'{"prompt": "\\ud800 lone", "max_tokens": 2}', "surrogate"),
         (b'{"prompt": "hi", "temperature": Infinity}', "strict JSON"),
@@ -138,3 +138,60 @@ def test_long_prompts_and_bad_settings_fail_before_any_work(demo, capsys):
 def test_the_body_limits_hold_for_valid_json():
     body = json.dumps({"prompt": "hi", "max_tokens": 2, "seed": 2**63 - 1})
     assert client().post("/v1/completions", content=body).status_code == 200
+
+
+def test_training_rows_that_break_json_parsers_are_skipped_and_counted(tmp_path):
+    from vlmkit.train.data import load_conversations
+
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "a.png")
+    good = {
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "a circle"}],
+    }
+    lines = [json.dumps(good)]
+    lines.append('{"conversations": ' + "[" * 5000 + "]" * 5000 + "}")
+    lines.append('{"id": ' + "9" * 5000 + ', "conversations": []}')
+    lines.append('{"conversations": [{"from": "human", "value": "\\ud800"}, {"from": "gpt", "value": "x"}]}')
+    lines.append(json.dumps(good))
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    samples, report = load_conversations(
+        tmp_path / "train.jsonl", vlmkit.load_processor("demo"), max_length=256, on_bad_sample="skip"
+    )
+    assert len(samples) == 2 and report.total == 5 and "kept 2 of 5" in report.summary()
+    assert "invalid json" in report.summary()
+
+
+def test_a_chunked_body_over_the_limit_is_cut_off_while_it_streams_in():
+    """The ASGI messages of a chunked upload are read one by one and the reading stops at the limit (the
+    first review saw four 250 MB uploads take 2 GB before a 413)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from vlmkit.serve.protocol import APIError, CompletionRequest
+    from vlmkit.serve.server import read_body
+
+    app = create_app(
+        NoModel(), ScriptedEngine("ok"), model_name="m", config=ServerConfig(max_body_bytes=1_000_000)
+    )
+    received = []
+
+    async def receive():
+        received.append(1)
+        return {"type": "http.request", "body": b" " * 65536, "more_body": len(received) < 1000}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "app": app}
+    with pytest.raises(APIError) as e:
+        asyncio.run(read_body(Request(scope, receive), CompletionRequest))
+    assert e.value.status == 413 and "limit of 1000000 bytes" in e.value.message
+    assert len(received) == 16  # 16 x 64 KB passes 1 MB: nothing after that was read
+
+
+def test_the_chat_session_survives_a_folder_or_a_bad_prompt_as_an_image(demo):
+    from vlmkit.cli import chat_loop
+
+    lines = ["/image /tmp", "hello", "/prompt [1, 2]", "/image /nonexistent.png", "hello", "/quit"]
+    out = io.StringIO()
+    chat_loop(demo, {"max_new_tokens": 3}, io.StringIO("\n".join(lines) + "\n"), out)
+    text = out.getvalue()
+    assert text.count("error:") == 2 and text.rstrip().endswith(">")

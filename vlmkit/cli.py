@@ -304,7 +304,7 @@ def chat_loop(vlm: Any, settings: dict, stdin: TextIO, stdout: TextIO) -> None:
                     stdout.flush()
                 stdout.write("\n")
                 messages.append({"role": "assistant", "content": answer})
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, TypeError, OSError) as e:  # a bad file, folder or /prompt: say so, keep chatting
             images, prompts = [], []
             stdout.write(f"error: {e}\n")
         stdout.write("> ")

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vlmkit import safejson
 from vlmkit.serve.config import ServerConfig
 from vlmkit.serve.engine import Request as EngineRequest
 from vlmkit.serve.engine import SamplingParams
@@ -41,61 +42,16 @@ def error_body(message: str, type_: str, param: str | None = None, code: Any = N
 
 # -- request bodies -------------------------------------------------------------------------------
 
-MAX_DEPTH = 64  # objects and arrays nested deeper are refused (a real request nests about 6 deep)
-MAX_NUMBER_CHARS = 64  # a number written with more characters is refused (seeds need 19 digits)
-
-
-def _number(text: str) -> int | float:
-    if len(text) > MAX_NUMBER_CHARS:
-        raise APIError(
-            400, f"a number in the body has {len(text)} characters; at most {MAX_NUMBER_CHARS} are accepted"
-        )
-    return float(text) if any(c in text for c in ".eE") else int(text)
-
-
-def _constant(name: str) -> Any:
-    raise APIError(400, f"{name} is not a JSON number; the body must be strict JSON")
-
-
-def _depth(raw: bytes) -> int:
-    """The deepest nesting of objects and arrays in a JSON text (brackets inside strings not counted)."""
-    depth = deepest = 0
-    in_string = escaped = False
-    for byte in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
-
 
 def parse_body(raw: bytes) -> Any:
-    """A request body as JSON, bounded: at most MAX_DEPTH levels of nesting, numbers of at most
-    MAX_NUMBER_CHARS characters, no NaN/Infinity, no lone UTF-16 surrogates in strings. Anything else is a
-    400 that says what was wrong, never an exception from deep inside."""
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(raw) > MAX_DEPTH:
-        raise APIError(400, f"the body nests objects and arrays more than {MAX_DEPTH} levels deep")
+    """A request body as bounded JSON (`vlmkit.safejson`): too deep, too long a number, NaN or a lone
+    surrogate is a 400 that says so, never an exception from deep inside."""
     try:
-        data = json.loads(raw, parse_int=_number, parse_float=_number, parse_constant=_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return safejson.loads(raw)
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the body is not UTF-8 JSON: {e}") from None
+    except ValueError as e:
         raise APIError(400, f"the body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise APIError(400, "the body nests objects and arrays too deeply") from None
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError(400, "the body holds a lone UTF-16 surrogate (\\ud800-\\udfff) in a string") from None
-    return data
 
 
 # -- request schemas (OpenAI's, strict: no coercion of booleans or strings into numbers) ------------

@@ -307,9 +307,13 @@ async def completions(request: Request) -> Any:
 
 async def read_body(request: Request, schema: type[BaseModel]) -> Any:
     limit = request.app.state.config.max_body_bytes
-    raw = await request.body()
-    if len(raw) > limit:
-        raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it arrives, whatever the framing (chunked or not)
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     data = parse_body(raw)
     try:
         body = schema.model_validate(data)

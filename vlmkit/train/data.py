@@ -16,7 +16,6 @@ The whole file is checked before anything is returned; bad rows are skipped and 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlmkit import safejson
 from vlmkit.models import Family, family_named, family_of, registry
 from vlmkit.tokenizer import ChatTemplateError
 
@@ -196,8 +196,8 @@ def make_sample(
 
 def parse_row(line: str, folder: Path) -> Conversation:
     try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
+        obj = safejson.loads(line)  # bounded: deep nesting, huge numbers, lone surrogates are bad rows
+    except ValueError as e:
         raise BadRow("invalid json", f"not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise BadRow("invalid json", f"expected a JSON object, got {type(obj).__name__}")
