@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 
 import pytest
@@ -195,3 +196,34 @@ def test_the_chat_session_survives_a_folder_or_a_bad_prompt_as_an_image(demo):
     chat_loop(demo, {"max_new_tokens": 3}, io.StringIO("\n".join(lines) + "\n"), out)
     text = out.getvalue()
     assert text.count("error:") == 2 and text.rstrip().endswith(">")
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"text_config": {"rms_norm_eps": "tiny"}}, "rms_norm_eps must be a finite number > 0, got 'tiny'"),
+        (
+            {"text_config": {"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}}},
+            "rope_theta must be a finite number > 0",
+        ),
+        ({"vision_config": {"layer_norm_eps": -1}}, "layer_norm_eps must be a finite number > 0"),
+        ({"text_config": []}, "'text_config' must be an object of settings"),
+        ({"vision_config": None}, "'vision_config' must be an object of settings"),
+    ],
+)
+def test_configs_that_mislead_are_refused_by_name(tmp_path, change, message):
+    import shutil
+
+    from vlmkit.models import builtin_model
+
+    folder = tmp_path / "m"
+    shutil.copytree(builtin_model("demo"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        vlmkit.load_model(folder)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.configs import known_fields, require_positive
+from vlmkit.configs import known_fields, require_positive, require_positive_numbers
 from vlmkit.modules import activation, attention
 
 
@@ -35,6 +35,7 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        require_positive_numbers(self, "layer_norm_eps")
         require_positive(
             self,
             "hidden_size",

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from vlmkit.configs import known_fields, require_positive
+from vlmkit.configs import known_fields, require_positive, require_positive_numbers
 from vlmkit.modules import (
     ROPE_TYPES,
     CacheSlots,
@@ -70,6 +70,7 @@ class LlamaConfig:
             "num_key_value_heads",
             "head_dim",
         )
+        require_positive_numbers(self, "rms_norm_eps", "rope_theta")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmkit.clip import CLIPVisionConfig
-from vlmkit.configs import known_fields, require_positive
+from vlmkit.configs import known_fields, require_positive, section
 from vlmkit.llama import LlamaConfig
 
 # transformers' IdeficsVisionConfig defaults (it names the width `embed_dim`).
@@ -139,7 +139,9 @@ class IdeficsConfig:
 
         flat_vision = {k.removeprefix("vision_"): v for k, v in d.items() if k.startswith("vision_")}
         vision = {
-            k: v for k, v in {**flat_vision, **(d.get("vision_config") or {})}.items() if k in VISION_KEYS
+            k: v
+            for k, v in {**flat_vision, **(section(d, "vision_config") or {})}.items()
+            if k in VISION_KEYS
         }
         if "embed_dim" in vision:
             vision["hidden_size"] = vision.pop("embed_dim")
@@ -150,7 +152,7 @@ class IdeficsConfig:
         flat_perceiver = {
             k: v for k, v in d.items() if k.startswith("resampler_") or k == "qk_layer_norms_perceiver"
         }
-        perceiver = {**flat_perceiver, **(d.get("perceiver_config") or {})}
+        perceiver = {**flat_perceiver, **(section(d, "perceiver_config") or {})}
         kwargs["perceiver_config"] = PerceiverConfig(**known_fields(PerceiverConfig, perceiver))
         for name in ("freeze_text_module_exceptions", "freeze_vision_module_exceptions"):
             if name in kwargs:

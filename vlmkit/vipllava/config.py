@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmkit.clip import CLIPVisionConfig
+from vlmkit.configs import section
 from vlmkit.llama import LlamaConfig
 
 MODEL_TYPES = ("vipllava", "llava")
@@ -83,10 +84,10 @@ class VipLlavaConfig:
         model_type = d.get("model_type", "vipllava")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {model_type!r} is not a LLaVA-family type {list(MODEL_TYPES)}")
-        text = dict(d.get("text_config") or {})
+        text = section(d, "text_config") or {}
         if "vocab_size" not in text and "vocab_size" in d:  # the oldest configs kept it at the top level
             text["vocab_size"] = d["vocab_size"]
-        vision = d.get("vision_config")
+        vision = section(d, "vision_config")
         vision_config = (
             CLIPVisionConfig.from_hf(vision) if vision is not None else CLIPVisionConfig(**DEFAULT_VISION)
         )
