@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import socket
 import struct
 import warnings
 import zlib
@@ -421,11 +422,39 @@ def test_remote_sources_need_allow_remote(monkeypatch: pytest.MonkeyPatch, rgb: 
             return False
 
     fetched = []
-    monkeypatch.setattr(
-        "urllib.request.urlopen", lambda u, timeout: fetched.append(u) or FakeResponse(png_bytes(rgb))
-    )
+
+    class FakeOpener:
+        def open(self, u, timeout):
+            fetched.append(u)
+            return FakeResponse(png_bytes(rgb))
+
+    public = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", 443))]
+    monkeypatch.setattr("socket.getaddrinfo", lambda *a, **k: public)
+    monkeypatch.setattr("urllib.request.build_opener", lambda *handlers: FakeOpener())
     assert np.array_equal(np.asarray(load_image(url, allow_remote=True)), np.asarray(rgb))
     assert fetched == [url]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8000/x.png",
+        "http://localhost/x.png",
+        "http://10.1.2.3/x.png",
+        "http://192.168.0.1/x.png",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/x.png",
+        "http://[fe80::1]/x.png",
+    ],
+)
+def test_remote_pictures_come_from_public_addresses_only(url: str) -> None:
+    """Nothing is fetched from the server's own machine or network, directly or through a redirect."""
+    from vlmkit.images import _PublicRedirects
+
+    with pytest.raises(ValueError, match="not a public address"):
+        load_image(url, allow_remote=True)
+    with pytest.raises(ValueError, match="not a public address"):
+        _PublicRedirects().redirect_request(None, None, 302, "Found", {}, url)
 
 
 def test_missing_and_unreadable_files(tmp_path: Path) -> None:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import ipaddress
 import os
 import re
+import socket
+import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -132,15 +135,52 @@ def _data_uri_payload(uri: str, what: str) -> bytes:
         raise ValueError(f"{what} is not valid base64: {e}") from e
 
 
-def _download(url: str, what: str) -> bytes:
+def public_address_only(url: str) -> None:
+    """Refuse a URL whose host resolves to anything but public addresses (loopback, private, link-local,
+    multicast, reserved): a server fetching pictures for its clients must not reach its own network."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme.lower() not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{_shorten(url)}: only http(s) URLs with a host name are fetched")
     try:
-        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
-            data = response.read(_MAX_DOWNLOAD_BYTES + 1)
+        infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError) as e:
+        raise ValueError(f"{_shorten(url)}: cannot resolve {parsed.hostname}: {e}") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global:
+            raise ValueError(
+                f"{_shorten(url)}: {parsed.hostname} is {address}, not a public address; remote pictures are "
+                "fetched from public addresses only"
+            )
+
+
+class _PublicRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a public address (a public URL may redirect to an internal one)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201 - urllib's signature
+        public_address_only(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _download(url: str, what: str) -> bytes:
+    """The URL's bytes: public addresses only (also after redirects), at most _MAX_DOWNLOAD_BYTES, and the
+    whole transfer within _DOWNLOAD_TIMEOUT_S (not only each read)."""
+    public_address_only(url)
+    opener = urllib.request.build_opener(_PublicRedirects)
+    deadline = time.monotonic() + _DOWNLOAD_TIMEOUT_S
+    chunks, size = [], 0
+    try:
+        with opener.open(url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+            while chunk := response.read(65536):
+                size += len(chunk)
+                if size > _MAX_DOWNLOAD_BYTES:
+                    raise ValueError(f"{what} is larger than {_MAX_DOWNLOAD_BYTES:,} bytes")
+                if time.monotonic() > deadline:
+                    raise ValueError(f"{what} took longer than {_DOWNLOAD_TIMEOUT_S:.0f} s to download")
+                chunks.append(chunk)
     except OSError as e:
         raise ValueError(f"could not download {what}: {e}") from e
-    if len(data) > _MAX_DOWNLOAD_BYTES:
-        raise ValueError(f"{what} is larger than {_MAX_DOWNLOAD_BYTES:,} bytes")
-    return data
+    return b"".join(chunks)
 
 
 def _decode(data: bytes, what: str, max_pixels: int) -> Image.Image:
