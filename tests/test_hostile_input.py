@@ -227,3 +227,33 @@ def test_configs_that_mislead_are_refused_by_name(tmp_path, change, message):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=re.escape(message)):
         vlmkit.load_model(folder)
+
+
+def test_abandoned_non_streaming_requests_free_their_rows(demo):
+    """Clients that close their sockets mid-answer: their rows are freed within a second, although tokens
+    keep coming (the first review saw 16 such requests run for 16 s)."""
+    import socket
+
+    from test_serve import Live
+
+    live = Live(demo, name="demo", engine_kw={"max_seq_len": 2048})
+    try:
+        eos = demo.tokenizer.eos_token_id
+        ask = {"prompt": "Describe the picture.", "max_tokens": 1500, "logit_bias": {str(eos): -100}}
+        body = json.dumps(ask).encode()
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        sockets = [socket.create_connection(("127.0.0.1", live.port)) for _ in range(4)]
+        for s in sockets:
+            s.sendall(head.encode() + body)
+        deadline = time.monotonic() + 10
+        while live.engine.running < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert live.engine.running == 4
+        for s in sockets:
+            s.close()
+        closed = time.monotonic()
+        while live.engine.running and time.monotonic() - closed < 10:
+            time.sleep(0.05)
+        assert live.engine.running == 0 and time.monotonic() - closed < 2
+    finally:
+        live.close()

@@ -34,6 +34,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, Field, ValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -117,7 +118,7 @@ def create_app(vlm: Any, engine: Engine, *, model_name: str, config: ServerConfi
     s.vlm, s.engine, s.model_name, s.config = vlm, engine, model_name, config or ServerConfig()
     s.metrics = Metrics(engine)
     s.unloaded = set()  # adapters unloaded at run time: asking for one is a 404, not the base model
-    app.middleware("http")(guard)
+    app.add_middleware(Guard)
     app.exception_handler(APIError)(api_error)
     app.exception_handler(RequestValidationError)(invalid_request)
     app.exception_handler(StarletteHTTPException)(http_error)
@@ -132,43 +133,70 @@ def create_app(vlm: Any, engine: Engine, *, model_name: str, config: ServerConfi
     return app
 
 
-async def guard(request: Request, call_next: Any) -> Any:
-    """Refuse an oversized body (413) or a missing API key (401) before any work; count /v1/ requests."""
-    config: ServerConfig = request.app.state.config
-    route = request.url.path
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-        message = f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}"
-        response: Any = JSONResponse(error_body(message, "invalid_request_error"), status_code=413)
-    elif config.api_key and route not in ("/health", "/") and not _authorised(request, config.api_key):
-        message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
-        response = JSONResponse(error_body(message, "authentication_error"), status_code=401)
-    else:
-        try:
-            response = await call_next(request)
-        except Exception:  # one place turns every unexpected failure into an OpenAI-style 500 with an id
-            incident = "err-" + uuid.uuid4().hex[:16]
-            log.exception("%s: unexpected failure on %s %s", incident, request.method, route)
-            message = f"internal error {incident}; the server logged it under that id"
-            response = JSONResponse(error_body(message, "server_error"), status_code=500)
-    if route.startswith("/v1/"):  # labelled by the route's template: any path a client makes up is one label
-        labels = {"route": route_template(request), "status": str(response.status_code)}
-        request.app.state.metrics.requests.labels(**labels).inc()
-    return response
+class Guard:
+    """Before any work: refuse an oversized body (413) or a missing API key (401). Around the work: turn an
+    unexpected failure into an OpenAI-style 500 with an incident id (logged once), and count /v1/ requests by
+    route template and status. Plain ASGI, not `@app.middleware("http")`, whose wrapper hides a client's
+    disconnect from the route (a non-streaming request then ran to its end for nobody)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        config: ServerConfig = state.config
+        route, headers = scope["path"], Headers(scope=scope)
+        sent: dict[str, int] = {}
+
+        async def send_and_note(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            await send(message)
+
+        length = headers.get("content-length")
+        refusal = None
+        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+            message = f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}"
+            refusal = JSONResponse(error_body(message, "invalid_request_error"), status_code=413)
+        elif config.api_key and route not in ("/health", "/") and not _authorised(headers, config.api_key):
+            message = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+            refusal = JSONResponse(error_body(message, "authentication_error"), status_code=401)
+        if refusal is not None:
+            await refusal(scope, receive, send_and_note)
+        else:
+            try:
+                await self.app(scope, receive, send_and_note)
+            except Exception:  # one place turns every unexpected failure into an OpenAI-style 500 with an id
+                incident = "err-" + uuid.uuid4().hex[:16]
+                log.exception("%s: unexpected failure on %s %s", incident, scope.get("method"), route)
+                if "status" not in sent:  # nothing sent yet: the client gets the error body
+                    message = f"internal error {incident}; the server logged it under that id"
+                    failed = JSONResponse(error_body(message, "server_error"), status_code=500)
+                    await failed(scope, receive, send_and_note)
+                else:
+                    sent["status"] = 500
+        if route.startswith(
+            "/v1/"
+        ):  # labelled by the route's template: any path a client makes up is one label
+            labels = {"route": route_template(scope), "status": str(sent.get("status", 500))}
+            state.metrics.requests.labels(**labels).inc()
 
 
-def route_template(request: Request) -> str:
+def route_template(scope: dict) -> str:
     """The path template of the app's route that serves this request ("unmatched" for none)."""
-    for candidate in request.app.router.routes:
-        match, _ = candidate.matches(request.scope)
+    for candidate in scope["app"].router.routes:
+        match, _ = candidate.matches(scope)
         if match == Match.FULL:
             return candidate.path
     return "unmatched"
 
 
-def _authorised(request: Request, key: str) -> bool:
+def _authorised(headers: Headers, key: str) -> bool:
     """`Authorization: Bearer KEY` (the scheme in any case, as RFC 7235 has it), compared in constant time."""
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    scheme, _, given = headers.get("authorization", "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key.encode())
 
 
@@ -385,12 +413,19 @@ async def collect(
     went away first. An error event raises its error."""
     n = job.params.n
     texts, reasons, logprobs = [""] * n, [""] * n, [[] for _ in range(n)]
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
     while not all(reasons):
         try:
-            ev = await asyncio.wait_for(events.get(), timeout=0.5)
+            ev: Event | None = await asyncio.wait_for(events.get(), timeout=0.5)
         except TimeoutError:
+            ev = None
+        # every half second, also while tokens keep coming: a client that went away frees its rows
+        if ev is None or loop.time() - checked >= 0.5:
+            checked = loop.time()
             if await request.is_disconnected():
                 return None
+        if ev is None:
             continue
         logprobs[ev.index] += ev.logprobs
         if ev.finish_reason is None:
