@@ -149,7 +149,7 @@ def test_stream_tokens_equal_generate(request, family):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(temperature=-0.5), "temperature must be >= 0"),
+        (dict(temperature=-0.5), "temperature must be a finite number >= 0"),
         (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(top_k=-1), "top_k"),

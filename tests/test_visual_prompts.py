@@ -147,7 +147,7 @@ def test_several_prompts_and_json_text():
         ({"type": "mask", "mask": np.zeros((10, 10))}, "'mask' is 10x10 but the image is 200x160"),
         ({"type": "mask", "mask": np.zeros((H, W))}, "'mask' is empty"),
         ({"type": "point", "point": [10, 10], "alpha": 0}, r"'alpha' must be in \(0, 1\]"),
-        ({"type": "point", "point": [10, 10], "width": -1}, "'width' must be a positive number"),
+        ({"type": "point", "point": [10, 10], "width": -1}, "'width' must be a number of pixels in"),
         ({"type": "point", "point": [10, 10], "radius": 3}, r"unknown fields \['radius'\]"),
         ("not json", "not valid JSON"),
         (42, "a JSON object or a list"),
