@@ -257,3 +257,20 @@ def test_abandoned_non_streaming_requests_free_their_rows(demo):
         assert live.engine.running == 0 and time.monotonic() - closed < 2
     finally:
         live.close()
+
+
+@pytest.mark.parametrize("name", ["demo", "demo-idefics"])
+def test_a_config_deeper_than_its_weights_fails_before_the_model_is_built(tmp_path, name):
+    import shutil
+
+    from vlmkit.models import builtin_model
+
+    folder = tmp_path / "m"
+    shutil.copytree(builtin_model(name), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (config.get("text_config") or config)["num_hidden_layers"] = 100_000
+    (folder / "config.json").write_text(json.dumps(config))
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="asks for 100000 decoder layers but the weights hold 4"):
+        vlmkit.load_model(folder)
+    assert time.monotonic() - started < 5  # the first review saw 150 s and 4.4 GB before the error

@@ -112,9 +112,14 @@ def test_config_that_does_not_fit_the_weights(reference, tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["text_config"]["num_hidden_layers"] = 4
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="missing") as e:
+    with pytest.raises(CheckpointError, match="asks for 4 decoder layers but the weights hold 3"):
+        vlmkit.load_model(folder)  # said before a model of that depth is built
+    cfg["text_config"]["num_hidden_layers"] = 3
+    cfg["text_config"]["intermediate_size"] += 8  # same depth, other shapes: the tensors are named
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="wrong shape") as e:
         vlmkit.load_model(folder)
-    assert "language_model.model.layers.3.self_attn.q_proj.weight" in str(e.value)
+    assert "language_model.model.layers.0.mlp.up_proj.weight" in str(e.value)
 
 
 def test_corrupt_safetensors(reference, tmp_path):

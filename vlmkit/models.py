@@ -279,11 +279,18 @@ def load_model(
     stored = stored_quantization(raw, str(folder / "config.json"))
     requested = parse_quantize(quantize, group_size=group_size, parts=quantize_parts)
     quantization = resolve(requested, stored, str(folder))
+    tensors = None
+    if (
+        tp == 1
+    ):  # headers only; a config deeper than its weights fails before building (100000 layers: minutes)
+        tensors = remap_keys(read_tensors(weight_files(folder)), family.key_map, family.ignore)
+        check_decoder_depth(tensors, family, config, str(folder))
     with torch.device("meta"):
         model = family.model_cls(config)
     if tp != 1:  # a process count the heads do not divide fails here, before any file is opened
         device = split_over_processes(model, family, tp, quantization, device, str(folder))
-    tensors = remap_keys(read_tensors(weight_files(folder)), family.key_map, family.ignore)
+    if tensors is None:
+        tensors = remap_keys(read_tensors(weight_files(folder)), family.key_map, family.ignore)
     dtype = parse_dtype(dtype) or checkpoint_dtype(tensors, raw)
     if quantization is not None:
         load_quantized(
@@ -306,6 +313,22 @@ def load_model(
     if inference and tp == 1 and next(model.parameters()).device.type == "cpu":
         optimize_for_cpu_inference(model, batched=batched)
     return model.eval()
+
+
+def check_decoder_depth(tensors: dict[str, Any], family: Family, config: Any, source: str) -> None:
+    """CheckpointError when config.json asks for more decoder layers than the checkpoint holds (counted from
+    the tensor names under the family's decoder container), before a model of that depth is built."""
+    from vlmkit.weights import CheckpointError
+
+    container = family.tensor_parallel.blocks[0] + "."
+    held = {key[len(container) :].partition(".")[0] for key in tensors if key.startswith(container)}
+    layers = len({i for i in held if i.isdigit()})
+    wanted = config.text_config.num_hidden_layers
+    if layers and wanted > layers:
+        raise CheckpointError(
+            f"{source}: config.json asks for {wanted} decoder layers but the weights hold {layers}; "
+            "check that config.json belongs to these weights"
+        )
 
 
 def parse_device(device: torch.device | str | None) -> torch.device | None:
