@@ -3,7 +3,6 @@ ValueError) at once, never a hang, a traceback in a 500, a silent wrong answer o
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import re
@@ -12,7 +11,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_serve import NoModel, ScriptedEngine
+from test_serve import NoModel, ScriptedEngine, data_uri
 
 import vlmkit
 from vlmkit.cli import main as cli_main
@@ -33,12 +32,6 @@ def client(vlm=None, engine=None, **config) -> TestClient:
     return TestClient(app, raise_server_exceptions=False)
 
 
-def picture_url() -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", (224, 224), "white").save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 @pytest.mark.parametrize(
     "spec",
     [
@@ -53,7 +46,10 @@ def test_huge_visual_prompts_are_refused_at_once(demo, spec):
     started = time.monotonic()
     with pytest.raises(ValueError, match="'width' must be|'seed' must be"):
         draw_visual_prompts(Image.new("RGB", (224, 224), "white"), [spec])
-    part = {"type": "image_url", "image_url": {"url": picture_url(), "visual_prompts": [spec]}}
+    part = {
+        "type": "image_url",
+        "image_url": {"url": data_uri(Image.new("RGB", (224, 224), "white")), "visual_prompts": [spec]},
+    }
     body = {
         "messages": [{"role": "user", "content": [part, {"type": "text", "text": "what?"}]}],
         "max_tokens": 2,

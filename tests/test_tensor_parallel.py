@@ -5,12 +5,9 @@ process counts fail before anything is read."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +19,7 @@ import torch
 from checkpoints import build_llava_checkpoint
 from families import CHECKPOINTS, registered
 from test_quant import IDEFICS_80B
+from test_serve import data_uri, free_port
 from tp_worker import checks, picture
 
 import vlmkit
@@ -109,21 +107,9 @@ def test_memory_plan_per_process_shows_80b_over_four_gpus(tmp_path, capsys):
     assert "on 80 GB: does not fit" in capsys.readouterr().out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def ask(base: str) -> list[str]:
     """A picture question twice (the second from the prefix and feature caches), a text one, and two at once."""
-    pic = data_url(picture(3, (40, 52)))
+    pic = data_uri(picture(3, (40, 52)))
     chat = {
         "messages": [
             {

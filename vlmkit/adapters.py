@@ -50,12 +50,6 @@ class Adapter:
     layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
     digest: bytes = b""
 
-    @property
-    def bytes(self) -> int:
-        return sum(
-            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in self.layers.values()
-        )
-
 
 def _alpha(config: dict[str, Any], path: str) -> float:
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import re
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -66,11 +66,6 @@ class Constraint:
         """A text that names this constraint exactly (its spec may be a dict, which does not hash)."""
         return json.dumps([self.kind, self.spec], sort_keys=True, default=list)
 
-    def describe(self) -> str:
-        return {"json_object": "a JSON object", "json_schema": "the JSON schema"}.get(
-            self.kind, f"the {self.kind}"
-        )
-
 
 def constraint_from(
     *,
@@ -110,11 +105,20 @@ def constraint_from(
     return found[0] if found else None
 
 
-@lru_cache(maxsize=8)
-def _lltokenizer(tokenizer_json: str, n_vocab: int, eos: tuple[int, ...]) -> Any:
+# llguidance's view of each vlmkit tokenizer, by vocabulary size and end tokens: built from tokenizer.json once
+# per tokenizer, not once per constrained row (serializing and hashing a 2 MB tokenizer.json takes milliseconds)
+_LLTOKENIZERS: weakref.WeakKeyDictionary[Any, dict[tuple[int, tuple[int, ...]], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _lltokenizer(tokenizer: Any, n_vocab: int, eos: tuple[int, ...]) -> Any:
     from llguidance import LLTokenizer
 
-    return LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=list(eos))
+    built = _LLTOKENIZERS.setdefault(tokenizer, {})
+    if (n_vocab, eos) not in built:
+        built[(n_vocab, eos)] = LLTokenizer(tokenizer.backend.to_str(), n_vocab=n_vocab, eos_token=list(eos))
+    return built[(n_vocab, eos)]
 
 
 def checked_grammar(constraint: Constraint, lltokenizer: Any = None) -> str:
@@ -175,7 +179,7 @@ class Guide:
 
         if not eos:
             raise ValueError("constrained decoding needs an end-of-answer token, and this tokenizer has none")
-        lltok = _lltokenizer(tokenizer.backend.to_str(), vocab_size, tuple(eos))
+        lltok = _lltokenizer(tokenizer, vocab_size, tuple(eos))
         prototype, first, seconds = _compiled(constraint, lltok)
         self.constraint = constraint
         self.matcher = prototype.deep_copy()  # compiled once per constraint; a copy is much cheaper

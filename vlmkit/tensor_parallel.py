@@ -275,10 +275,10 @@ def local_bytes(model: nn.Module) -> int:
     """Bytes of the weights this process holds (its pieces of split tensors, whole replicated ones)."""
     total, seen = 0, set()
     for t in [*model.parameters(), *model.buffers()]:
-        local = t.to_local() if isinstance(t, DTensor) else t
-        if id(t) in seen:
+        if id(t) in seen:  # a tied weight counts once
             continue
         seen.add(id(t))
+        local = t.to_local() if isinstance(t, DTensor) else t
         total += local.numel() * local.element_size()
     return total
 
