@@ -1,5 +1,5 @@
 """`python -m vlmkit ...`: the same command line as `vlmkit ...`."""
 
-from vlmkit.cli import main
+from vlmkit.cli import entry
 
-raise SystemExit(main())
+entry()
