@@ -270,3 +270,67 @@ def test_a_config_deeper_than_its_weights_fails_before_the_model_is_built(tmp_pa
     with pytest.raises(ValueError, match="asks for 100000 decoder layers but the weights hold 4"):
         vlmkit.load_model(folder)
     assert time.monotonic() - started < 5  # the first review saw 150 s and 4.4 GB before the error
+
+
+def test_streams_outlasting_the_drain_end_with_an_error_event_and_no_traceback(demo):
+    """SIGTERM while streams run longer than --drain-seconds: each stream ends with an OpenAI error event
+    (503) before uvicorn would cancel it, the log holds no CancelledError traceback, and the process exits.
+    (The first review saw streams cut off with no error event, and CancelledError tracebacks.)"""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+    from test_serve import free_port
+
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "vlmkit", "serve", "--port", str(port), "--drain-seconds", "2"]
+    proc = subprocess.Popen(
+        [*cmd, "--max-seq-len", "2048"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        eos = demo.tokenizer.eos_token_id
+        ask = {"prompt": "Describe it.", "max_tokens": 1900, "logit_bias": {str(eos): -100}, "stream": True}
+        streams: list[list[str]] = [[], []]
+        started = threading.Barrier(3)
+
+        def read(lines: list[str]) -> None:
+            with httpx.stream("POST", base + "/v1/completions", json=ask, timeout=60) as r:
+                for i, line in enumerate(r.iter_lines()):
+                    if i == 0:
+                        started.wait()
+                    if line.startswith("data: "):
+                        lines.append(line.removeprefix("data: "))
+
+        readers = [threading.Thread(target=read, args=(lines,)) for lines in streams]
+        for t in readers:
+            t.start()
+        started.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        for t in readers:
+            t.join(30)
+        ended = time.monotonic() - signalled
+        log = proc.communicate(timeout=30)[0]
+        for lines in streams:
+            last = json.loads(lines[-1])
+            assert last["error"]["type"] == "server_error" and "shut down" in last["error"]["message"], lines[
+                -3:
+            ]
+        assert ended < 3, ended
+        assert "Traceback" not in log and "CancelledError" not in log, log[-3000:]
+        assert "ended 2 unfinished request(s)" in log
+        assert proc.returncode in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

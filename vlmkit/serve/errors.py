@@ -51,3 +51,11 @@ class Cancelled(EngineError):
 
     status = 499
     type = "cancelled"
+
+
+class ShuttingDown(EngineError):
+    """The server is shutting down: it takes no new requests, and one still running when the drain time
+    is over ends with this."""
+
+    status = 503
+    type = "server_error"

@@ -105,8 +105,16 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+def _closed_schema(schema: dict[str, Any]) -> None:
+    """The OpenAPI view of the fields a request may carry: the model's own and the ignored ones, nothing
+    else (the model itself takes extra fields only to refuse them by name: `check_fields`)."""
+    schema["additionalProperties"] = False
+    for name in IGNORED:
+        schema["properties"][name] = {"type": "string"}
+
+
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_closed_schema)
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -211,6 +219,17 @@ class CompletionRequest(SamplingFields):
 
 
 # -- responses ------------------------------------------------------------------------------------
+
+
+class LoadAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str = Field(min_length=1)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -33,7 +34,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -43,14 +44,16 @@ from vlmkit.models import DEFAULT_MODEL
 from vlmkit.serve.config import EngineConfig, ServerConfig
 from vlmkit.serve.engine import Engine, Event
 from vlmkit.serve.engine import Request as EngineRequest
-from vlmkit.serve.errors import EngineError, EngineFailure, QueueFull
+from vlmkit.serve.errors import EngineError, EngineFailure, QueueFull, ShuttingDown
 from vlmkit.serve.output import TokenLogprob
 from vlmkit.serve.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    LoadAdapter,
     Reply,
     SamplingFields,
+    UnloadAdapter,
     convert_messages,
     error_body,
     parse_body,
@@ -118,6 +121,8 @@ def create_app(vlm: Any, engine: Engine, *, model_name: str, config: ServerConfi
     s.vlm, s.engine, s.model_name, s.config = vlm, engine, model_name, config or ServerConfig()
     s.metrics = Metrics(engine)
     s.unloaded = set()  # adapters unloaded at run time: asking for one is a 404, not the base model
+    s.open = {}  # id -> engine request of every request a handler still waits on (ended at the drain's end)
+    s.draining = False  # set on SIGTERM/SIGINT: no new requests
     app.add_middleware(Guard)
     app.exception_handler(APIError)(api_error)
     app.exception_handler(RequestValidationError)(invalid_request)
@@ -130,7 +135,54 @@ def create_app(vlm: Any, engine: Engine, *, model_name: str, config: ServerConfi
     app.post("/v1/completions")(completions)
     app.post("/v1/load_lora_adapter")(load_lora_adapter)
     app.post("/v1/unload_lora_adapter")(unload_lora_adapter)
+    app.openapi = lambda: openapi_schema(app)
     return app
+
+
+# the request model each POST route reads from its body (the handlers read and validate bodies themselves,
+# bounded: `read_body`), for the OpenAPI schema
+REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": ChatRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/load_lora_adapter": LoadAdapter,
+    "/v1/unload_lora_adapter": UnloadAdapter,
+}
+ERROR_STATUSES = {"400": "invalid request", "401": "missing or wrong API key", "404": "not found"}
+ERROR_STATUSES |= {"413": "body too large", "429": "busy; retry after Retry-After seconds"}
+ERROR_STATUSES |= {"499": "client went away", "503": "shutting down"}
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI schema, with each POST route's real request model as its JSON body and the OpenAI
+    error body for its refusals (what schemathesis and client generators read)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    models = [(m, "validation") for m in REQUEST_MODELS.values()]
+    refs, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(defs.get("$defs", {}))
+    components["Error"] = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["message", "type"]}},
+    }
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for route, model in REQUEST_MODELS.items():
+        operation = schema["paths"][route]["post"]
+        body = {"schema": refs[(model, "validation")]}
+        operation["requestBody"] = {"required": True, "content": {"application/json": body}}
+        responses = operation.setdefault("responses", {})
+        if route.endswith("completions"):
+            ok = responses.setdefault("200", {"description": "the answer"})
+            ok.setdefault("content", {})["text/event-stream"] = {"schema": {"type": "string"}}
+        for status, description in ERROR_STATUSES.items():
+            responses[status] = {"description": description, **error}
+    app.openapi_schema = schema
+    return schema
 
 
 class Guard:
@@ -243,15 +295,6 @@ async def models(request: Request) -> dict[str, Any]:
             {"id": name, "object": "model", "created": now, "owned_by": "vlmkit", "parent": s.model_name}
         )
     return {"object": "list", "data": data}
-
-
-class LoadAdapter(BaseModel):
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
-
-
-class UnloadAdapter(BaseModel):
-    lora_name: str = Field(min_length=1)
 
 
 def served_adapters(request: Request) -> Any:
@@ -381,13 +424,16 @@ async def answer(request: Request, body: SamplingFields, inputs: dict, *, chat: 
         adapter=adapter,
     )
     try:
+        if s.draining:
+            raise ShuttingDown("the server is shutting down; send the request to another instance")
         s.engine.submit(job)
     except EngineError as e:
         log_failure(reply.id, e)
         busy = f"the server is busy: {e}; retry later" if isinstance(e, QueueFull) else None
         raise APIError.of(e, busy) from None
+    s.open[job.id] = job
     if body.stream:
-        return StreamingResponse(stream(reply, job, events, s.metrics), media_type="text/event-stream")
+        return StreamingResponse(stream(reply, job, events, s), media_type="text/event-stream")
     try:
         got = await collect(request, job, events)
     except EngineError as e:
@@ -398,6 +444,7 @@ async def answer(request: Request, body: SamplingFields, inputs: dict, *, chat: 
         raise
     finally:
         job.cancel()  # a no-op once it finished; frees its rows when the client went away or it failed
+        s.open.pop(job.id, None)
         s.metrics.finished(job)
     if got is None:
         log.info("%s: the client went away", reply.id)
@@ -438,7 +485,7 @@ async def collect(
 
 
 async def stream(
-    reply: Reply, job: EngineRequest, events: asyncio.Queue[Event], metrics: Metrics
+    reply: Reply, job: EngineRequest, events: asyncio.Queue[Event], state: Any
 ) -> AsyncIterator[str]:
     """The server-sent events of one request: a role chunk per choice (chat), the text deltas (with their
     tokens' log-probabilities when asked), each choice's finish, the usage when asked, then [DONE]; an error
@@ -478,7 +525,29 @@ async def stream(
         raise
     finally:  # also when the client went away mid-stream: its rows stop at the next step
         job.cancel()
-        metrics.finished(job)
+        state.open.pop(job.id, None)
+        state.metrics.finished(job)
+
+
+async def drain_on_exit(app: FastAPI, server: Any, seconds: float) -> None:
+    """Once uvicorn is told to exit (SIGTERM/SIGINT): refuse new requests, give running ones `seconds`
+    less a margin, then end those still open with a 503 error (an error event in a stream), so that each
+    answer is complete before uvicorn's own graceful timeout would cancel its task mid-write."""
+    s = app.state
+    while not server.should_exit:
+        await asyncio.sleep(0.1)
+    s.draining = True
+    loop = asyncio.get_running_loop()
+    end = loop.time() + max(seconds - 1.0, seconds / 2)
+    log.info("draining %d open request(s) for up to %.1f s", len(s.open), seconds)
+    while s.open and loop.time() < end:
+        await asyncio.sleep(0.05)
+    left = [job for job in s.open.values() if not job.done.is_set()]
+    for job in left:
+        message = f"the server shut down before the request finished (it drains for {seconds:g} s)"
+        job.emit(Event(0, finish_reason="error", error=ShuttingDown(message)))
+    if left:
+        log.warning("drain time over: ended %d unfinished request(s) with a 503 error", len(left))
 
 
 # -- running it ---------------------------------------------------------------------------------
@@ -546,11 +615,18 @@ def serve(
     app = create_app(vlm, running, model_name=model, config=server_config)
     drain = server_config.drain_seconds
 
+    host, port = server_config.host, server_config.port
+    config = uvicorn.Config(
+        app, host=host, port=port, timeout_graceful_shutdown=math.ceil(drain), log_level="info"
+    )
+    http = uvicorn.Server(config)
+
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> Any:
+    async def lifespan(app: FastAPI) -> Any:
+        watch = asyncio.create_task(drain_on_exit(app, http, drain))
         yield
+        watch.cancel()
         await asyncio.to_thread(running.stop, drain)
 
     app.router.lifespan_context = lifespan
-    host, port = server_config.host, server_config.port
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=int(drain), log_level="info")
+    http.run()
