@@ -334,3 +334,15 @@ def test_streams_outlasting_the_drain_end_with_an_error_event_and_no_traceback(d
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_json_inside_strings_is_parsed_with_the_same_bounds(demo):
+    """Found by the fuzzers: JSON that arrives inside a string (a visual prompt given as JSON text on the
+    command line or to the Python API, a `guided_json` schema sent as a string) was parsed unbounded, so deep
+    nesting raised RecursionError (a 500 in the server)."""
+    deep = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(ValueError, match="nested more than 64 levels"):
+        draw_visual_prompts(Image.new("RGB", (10, 10)), deep)
+    body = {"prompt": "hi", "max_tokens": 2, "guided_json": deep}
+    r = client(demo).post("/v1/completions", json=body)
+    assert r.status_code == 400 and "nested more than 64 levels" in r.json()["error"]["message"], r.text

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from vlmkit import safejson
+
 KINDS = ("json_schema", "json_object", "regex", "grammar", "choice")
 # JSON as json.dumps writes it: a fixed space after ',' and ':' and no other whitespace. Free whitespace lets a
 # model pad forever between tokens (small models do); a schema's "x-guidance" section may still allow it.
@@ -92,7 +94,7 @@ def constraint_from(
         elif kind != "text":
             raise ValueError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
     if guided_json is not None:
-        schema = json.loads(guided_json) if isinstance(guided_json, str) else guided_json
+        schema = safejson.loads(guided_json) if isinstance(guided_json, str) else guided_json
         found.append(Constraint("json_schema", schema))
     if guided_regex is not None:
         found.append(Constraint("regex", guided_regex))

@@ -12,12 +12,13 @@ has, reproducibly.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
+from vlmkit import safejson
 
 # The colours of the ViP-LLaVA release.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -257,8 +258,8 @@ def draw_visual_prompts(image: Image.Image, prompts: Any, *, seed: int | None = 
     """Draw a visual prompt, a list of them, or their JSON text onto an image, in order."""
     if isinstance(prompts, str):
         try:
-            prompts = json.loads(prompts)
-        except json.JSONDecodeError as e:
+            prompts = safejson.loads(prompts)
+        except ValueError as e:
             raise ValueError(f"visual prompt is not valid JSON: {e}") from e
     if isinstance(prompts, dict):
         prompts = [prompts]
