@@ -346,3 +346,83 @@ def test_json_inside_strings_is_parsed_with_the_same_bounds(demo):
     body = {"prompt": "hi", "max_tokens": 2, "guided_json": deep}
     r = client(demo).post("/v1/completions", json=body)
     assert r.status_code == 400 and "nested more than 64 levels" in r.json()["error"]["message"], r.text
+
+
+def test_extreme_sampling_settings_answer_and_never_break_the_engine(demo):
+    """Found by the fuzzers: temperature 1e-300 (0 in float32) or repetition_penalty 1e-300 made the
+    sampler's probabilities NaN; the exception killed the engine thread, every later request hung, and
+    /health said 503 for good. Such settings now sample from the limit of their distribution."""
+    from test_serve import Live
+
+    live = Live(demo, name="demo")
+    try:
+        greedy = live.client.completions.create(
+            model="demo", prompt="Describe it.", max_tokens=6, temperature=0
+        )
+        for extreme in ({"temperature": 1e-300}, {"temperature": 1e-40}, {"repetition_penalty": 1e-300}):
+            r = httpx_post(live.url, {"prompt": "Describe it.", "max_tokens": 6, "seed": 1, **extreme})
+            assert r.status_code == 200, (extreme, r.text)
+            if "temperature" in extreme:  # the limit of a vanishing temperature is the greedy answer
+                assert r.json()["choices"][0]["text"] == greedy.choices[0].text
+        assert live.engine.error is None
+    finally:
+        live.close()
+
+
+def test_a_request_whose_token_choice_fails_ends_alone(demo, monkeypatch):
+    """Whatever goes wrong while choosing one request's token ends that request with an error; the rows
+    beside it in the batch finish, and the engine keeps serving."""
+    import threading
+
+    import vlmkit.serve.engine as engine_module
+    from vlmkit.serve.engine import Engine, Request, SamplingParams
+
+    real_take = engine_module.take
+
+    def take(row, logits, end):
+        if row.request.id == "doomed" and row.generated == 3:
+            raise RuntimeError("a bug in one row's sampling")
+        real_take(row, logits, end)
+
+    monkeypatch.setattr(engine_module, "take", take)
+    engine = Engine(demo.model, demo.tokenizer, max_batch=4, max_seq_len=256).start()
+    try:
+        events: dict[str, list] = {"doomed": [], "fine": []}
+        done = {name: threading.Event() for name in events}
+        for name in events:
+            engine.submit(
+                Request(
+                    inputs=demo.inputs("Describe it."),
+                    params=SamplingParams(max_tokens=12, n=2 if name == "doomed" else 1),
+                    emit=lambda ev, name=name: (
+                        events[name].append(ev),
+                        ev.finish_reason and done[name].set(),
+                    ),
+                    id=name,
+                )
+            )
+        assert done["doomed"].wait(30) and done["fine"].wait(30)
+        ends = [ev for ev in events["doomed"] if ev.finish_reason]
+        assert sorted(ev.index for ev in ends) == [0, 1] and {ev.finish_reason for ev in ends} == {"error"}
+        assert "a bug in one row's sampling" in str(ends[0].error)
+        assert [ev.finish_reason for ev in events["fine"] if ev.finish_reason] in (["length"], ["stop"])
+        assert "".join(ev.text for ev in events["fine"]).strip()
+        assert engine.error is None
+        assert engine.scheduler.running == 0 or wait_for(lambda: engine.scheduler.running == 0)
+    finally:
+        engine.stop(10)
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def httpx_post(url: str, body: dict):
+    import httpx
+
+    return httpx.post(url + "/v1/completions", json=body, timeout=60)

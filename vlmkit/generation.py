@@ -177,7 +177,14 @@ def process_logits(
     if config.sampling:
         keep = len(config.eos_token_id) + 1 if beams else 1
         if config.temperature != 1.0:
-            scores = scores / config.temperature
+            scaled = scores / config.temperature
+            if bool(
+                (~torch.isfinite(scaled) & torch.isfinite(scores)).any()
+            ):  # a tiny temperature overflowed
+                # (or underflowed to 0 in the scores' dtype): the same distribution, its order kept
+                top = scores.masked_fill(~torch.isfinite(scores), -torch.inf).amax(-1, keepdim=True)
+                scaled = (scores - top) / max(config.temperature, torch.finfo(scores.dtype).tiny)
+            scores = scaled
         if config.top_k:
             k = min(max(config.top_k, keep), scores.shape[-1])
             kth = torch.topk(scores, k).values[..., -1:]
@@ -250,7 +257,22 @@ def sample(
     if not config.sampling:
         return torch.argmax(scores, dim=-1)
     probs = F.softmax(scores, dim=-1)
+    if not bool(torch.isfinite(probs).all()):
+        probs = F.softmax(settled(scores), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def settled(scores: torch.Tensor) -> torch.Tensor:
+    """Scores whose softmax is defined, for rows that overflowed: a tiny temperature or repetition penalty
+    (1e-300) divides finite logits into +inf, and softmax of +inf is NaN. Such a row's +inf tokens are the
+    limit of its distribution (equally likely, the rest impossible), and NaN is no chance; a row left with no
+    possible token is a ValueError."""
+    scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    top = scores == torch.inf
+    scores = torch.where(top.any(-1, keepdim=True), torch.where(top, 0.0, -torch.inf), scores)
+    if bool((scores == -torch.inf).all(-1).any()):
+        raise ValueError("no token is possible: every score is -inf or NaN after the sampling settings")
+    return scores
 
 
 # -------------------------------------------------------------------------------------------------

@@ -164,6 +164,8 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Queue a request; raises InvalidRequest (bad settings, too long) or QueueFull."""
+        if self.error is not None:  # nothing would ever run it
+            raise self.error
         if self._stop.is_set():
             raise QueueFull("the server is shutting down")
         request.config = self.generation_config(request.params)  # invalid settings raise here, not later
@@ -259,7 +261,7 @@ class Engine:
                 else Guide(config.constraint, self.tokenizer, logits.shape[-1], config.eos_token_id),
             )
             self.scheduler.rows.append(row)
-            take(row, logits[0], self._end_row)
+            self._take(row, logits[0])
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -287,12 +289,30 @@ class Engine:
         for i, row in enumerate(rows):
             row.length += 1
             row.pending = None
+            if row.finished:  # its request failed at an earlier row of this step
+                continue
             if row.request.cancelled.is_set():
                 self._end_row(row, "cancelled")
             elif row.request.deadline is not None and now > row.request.deadline:
                 self._end_row(row, "error", RequestTimeout("the request timed out"))
             else:
-                take(row, logits[i], self._end_row)
+                self._take(row, logits[i])
+
+    def _take(self, row: Row, logits: torch.Tensor) -> None:
+        """The row's next token (`take`); a failure there (its settings, its grammar, its tokens) ends that
+        row's request with an error and leaves the other rows running."""
+        try:
+            take(row, logits, self._end_row)
+        except Exception as e:
+            log.error("request %s: choosing its next token failed: %r", row.request.id or "-", e)
+            error = (
+                InvalidRequest(str(e))
+                if isinstance(e, ValueError)
+                else EngineFailure(f"choosing a token: {e}")
+            )
+            for other in self.scheduler.rows:  # every choice of the request ends with the error
+                if other.request is row.request and not other.finished:
+                    self._end_row(other, "error", error, keep=False)
 
     def _compact(self) -> None:
         moves = [(old, new, self.scheduler.rows[new].length + 1) for old, new in self.scheduler.compact()]
