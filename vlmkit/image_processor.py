@@ -217,10 +217,21 @@ class ImageProcessor:
     # -- one image ------------------------------------------------------------------------------
 
     def _process(self, source: ImageInput, *, allow_remote: bool, max_pixels: int) -> np.ndarray:
-        image = load_image(source, allow_remote=allow_remote, max_pixels=max_pixels)
-        image = self._to_rgb(image, encoded=is_encoded(source))
+        image = self.load(source, allow_remote=allow_remote, max_pixels=max_pixels)
         if self.do_pad:
             image = _pad_to_square(image, tuple(int(m * 255) for m in self.image_mean))
+        return self.finish(image, max_pixels=max_pixels)
+
+    def load(
+        self, source: ImageInput, *, allow_remote: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> Image.Image:
+        """One image read (as `preprocess` reads it) and converted to RGB as the reference converts it."""
+        image = load_image(source, allow_remote=allow_remote, max_pixels=max_pixels)
+        return self._to_rgb(image, encoded=is_encoded(source))
+
+    def finish(self, image: Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """An RGB image (or one view of it, such as a tile) resized, center-cropped, rescaled and normalized
+        as configured: float32 (3, H, W)."""
         if self.do_resize:
             height, width = self._resized_size(image.height, image.width)
             check_image_size(width, height, max_pixels, f"the resized image of {image.width}x{image.height}")

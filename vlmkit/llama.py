@@ -27,14 +27,27 @@ from vlmkit.modules import (
     causal_mask,
 )
 
-TEXT_MODEL_TYPES = ("llama",)
+TEXT_MODEL_TYPES = ("llama",)  # what `LlamaConfig.from_hf` reads unless a family asks for more
+# Decoders that are LLaMA's blocks under another name, with the reference's defaults for the fields their
+# published config.json leaves out. Mistral adds sliding-window attention and has no biases.
+DECODER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": dict(
+        intermediate_size=14336,
+        num_key_value_heads=8,
+        max_position_embeddings=4096 * 32,
+        sliding_window=4096,
+    ),
+}
+SLIDING_WINDOW_TYPES = ("mistral",)  # the decoders that read `sliding_window`
 
 
 @dataclass
 class LlamaConfig:
     """Text decoder configuration. Defaults equal transformers' `LlamaConfig` defaults, because the
-    published checkpoints leave out every field equal to them."""
+    published checkpoints leave out every field equal to them (`from_hf` fills in a Mistral config's own)."""
 
+    model_type: str = "llama"  # "llama" or "mistral" (the same blocks, with a sliding window)
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -53,9 +66,20 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    sliding_window: int | None = None  # Mistral: a token attends to at most this many, itself included
     extra: dict = field(default_factory=dict, repr=False)  # other keys, written back on save
 
     def __post_init__(self) -> None:
+        if self.model_type not in DECODER_DEFAULTS:
+            raise ValueError(
+                f"text model type {self.model_type!r} is not supported; supported: {list(DECODER_DEFAULTS)}"
+            )
+        if self.sliding_window is not None:
+            if self.model_type not in SLIDING_WINDOW_TYPES:
+                raise ValueError(
+                    f"a {self.model_type} decoder has no sliding window (got {self.sliding_window})"
+                )
+            require_positive(self, "sliding_window")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -82,13 +106,15 @@ class LlamaConfig:
                 raise ValueError(f"unsupported rope type {rope_type!r}; supported: {list(ROPE_TYPES)}")
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
-        """Read a `llama` config.json dict, old (`rope_theta`, `rope_scaling`) or new (`rope_parameters`)."""
+    def from_hf(cls, d: dict[str, Any], *, model_types: tuple[str, ...] = TEXT_MODEL_TYPES) -> LlamaConfig:
+        """Read a `llama` config.json dict, old (`rope_theta`, `rope_scaling`) or new (`rope_parameters`);
+        `model_types` are the decoders the caller's family takes (("llama", "mistral") for LLaVA-NeXT), and a
+        Mistral config's missing fields take Mistral's defaults."""
         d = dict(d)
         model_type = d.get("model_type", "llama")
-        if model_type not in TEXT_MODEL_TYPES:
+        if model_type not in model_types:
             raise ValueError(
-                f"text model type {model_type!r} is not supported; supported: {list(TEXT_MODEL_TYPES)}"
+                f"text model type {model_type!r} is not supported; supported: {list(model_types)}"
             )
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
         rope = dict(rope)
@@ -96,8 +122,14 @@ class LlamaConfig:
             rope["rope_type"] = rope.pop("type")
         theta = rope.pop("rope_theta", d.pop("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", "default")
-        kwargs = known_fields(cls, d)
+        kwargs = {**DECODER_DEFAULTS.get(model_type, {}), **known_fields(cls, d)}
         kwargs.pop("extra", None)
+        kwargs["model_type"] = model_type
+        if model_type not in SLIDING_WINDOW_TYPES:  # the reference's LLaMA ignores the field
+            kwargs.pop("sliding_window", None)
+        if model_type == "mistral":  # Mistral's projections have no biases, whatever the file says
+            kwargs.pop("attention_bias", None)
+            kwargs.pop("mlp_bias", None)
         kwargs["rope_theta"] = float(theta)
         kwargs["rope_scaling"] = None if rope_type == "default" else rope
         return cls(**kwargs)
@@ -105,8 +137,8 @@ class LlamaConfig:
     def to_hf(self) -> dict[str, Any]:
         """The config.json dict transformers 5 reads (and writes)."""
         rope = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
-        return {
-            "model_type": "llama",
+        d = {
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -125,6 +157,10 @@ class LlamaConfig:
             "eos_token_id": self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
+        if self.model_type == "mistral":
+            del d["attention_bias"], d["mlp_bias"]
+            d["sliding_window"] = self.sliding_window
+        return d
 
 
 class LlamaAttention(nn.Module):
@@ -209,7 +245,14 @@ class LlamaModel(nn.Module):
         if at is None and input_pos is not None:
             at = CacheSlots(input_pos, key_len)
         ctx = decoder_context(
-            self.layers, self.rotary_emb, inputs_embeds, attention_mask, position_ids, at, kv_caches
+            self.layers,
+            self.rotary_emb,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            at,
+            kv_caches,
+            sliding_window=self.config.sliding_window,
         )
         ctx.state = state
         x = inputs_embeds
@@ -278,11 +321,15 @@ def decoder_context(
     position_ids: torch.Tensor | None,
     at: CacheSlots | None,
     caches: dict[nn.Module, Any] | None = None,
+    *,
+    sliding_window: int | None = None,
 ) -> DecoderContext:
     """Cache slots, rotary tables and the mask for one decoder call.
 
     Without a KV cache the T tokens are the whole sequence, and the mask is None when nothing is padded
     (SDPA's causal fast path). With a cache, `at` is required and the mask spans `at.key_len` slots.
+    `sliding_window` hides keys that many slots or more behind each query, counted in cache slots as the
+    reference counts them (each row's own slot in a server's decode step, `at.slots`).
     """
     B, T, _ = inputs_embeds.shape
     cache = None
@@ -295,11 +342,16 @@ def decoder_context(
         at = CacheSlots(torch.arange(T, device=inputs_embeds.device))
     if position_ids is None:
         position_ids = at.input_pos[None].expand(B, T)
+    window = sliding_window
     if cache is not None:
         at = CacheSlots(at.input_pos, at.key_len or cache.max_seq_len, at.row, at.slots)
-        mask = causal_mask(attention_mask, at.input_pos, at.key_len)
+        # rows of a server's step sit at their own slots: the window ends at each row's, not at the last
+        query = at.slots[:, None] if window is not None and at.slots is not None else at.input_pos
+        mask = causal_mask(attention_mask, query, at.key_len, window=window)
     elif attention_mask is not None and not bool(attention_mask.all()):
-        mask = causal_mask(attention_mask, at.input_pos, T)
+        mask = causal_mask(attention_mask, at.input_pos, T, window=window)
+    elif window is not None and T > window:
+        mask = causal_mask(None, at.input_pos, T, window=window)
     else:
         mask = None
     cos, sin = rotary(position_ids, inputs_embeds.dtype)

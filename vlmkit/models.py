@@ -91,9 +91,11 @@ class Family:
 @cache
 def registry() -> tuple[Family, ...]:
     """Every family vlmkit knows, one entry each (imported on first use: the packages import torch models)."""
-    from vlmkit import idefics, vipllava
+    from vlmkit import idefics, llava_next, vipllava
     from vlmkit.idefics import policy as idefics_policy
     from vlmkit.idefics.processor import END_OF_UTTERANCE, IdeficsProcessor
+    from vlmkit.llava_next import policy as llava_next_policy
+    from vlmkit.llava_next.processor import LlavaNextProcessor
     from vlmkit.vipllava import policy as llava_policy
     from vlmkit.vipllava.processor import LlavaProcessor
 
@@ -161,6 +163,34 @@ def registry() -> tuple[Family, ...]:
             stop_tokens=(END_OF_UTTERANCE,),  # IDEFICS-instruct ends each turn with it
             init_parameter=idefics_policy.init_parameter,
             builtin_names=("demo-idefics",),
+        ),
+        Family(
+            name="llava_next",
+            title="LLaVA-NeXT",
+            model_types=("llava_next",),
+            config_cls=llava_next.LlavaNextConfig,
+            model_cls=llava_next.LlavaNextModel,
+            key_map=llava_next.KEY_MAP,
+            ignore=llava_next.KEY_IGNORE,
+            processor_cls=LlavaNextProcessor,
+            prompt_inputs=llava_next_policy.prompt_inputs,
+            training_sample=llava_next_policy.training_sample,
+            collate_images=llava_next_policy.collate_images,
+            trainable=TrainableParts(
+                projector=("multi_modal_projector",),
+                lora_scope=("language_model",),
+                vision=("vision_tower.",),
+            ),
+            quant_parts=QuantParts(
+                language=("language_model",),
+                vision=("vision_tower",),
+                projector=("multi_modal_projector",),
+            ),
+            tensor_parallel=TensorParallelPlan(
+                blocks=("language_model.model.layers",),
+                vocab=("language_model.model.embed_tokens", "language_model.lm_head"),
+            ),
+            init_parameter=llava_next_policy.init_parameter,
         ),
     )
 

@@ -230,15 +230,27 @@ def attention(
     )
 
 
-def causal_mask(attention_mask: torch.Tensor | None, query_pos: torch.Tensor, key_len: int) -> torch.Tensor:
+def causal_mask(
+    attention_mask: torch.Tensor | None,
+    query_pos: torch.Tensor,
+    key_len: int,
+    *,
+    window: int | None = None,
+) -> torch.Tensor:
     """Boolean mask (B or 1, 1, T, S): key j visible to query t if j <= query_pos[t] and key j is not padding.
 
-    attention_mask (B, S') is 1 for real tokens over all keys seen so far (S' <= S; keys past S' are not
-    visible). A padding query that sees no key at all gets a zero attention output from SDPA (torch >= 2.5),
-    as in the reference.
+    query_pos (T,) holds the queries' slots, the same in every row, or (B, T) each row's own (a server's
+    decode step, rows at different lengths). attention_mask (B, S') is 1 for real tokens over all keys seen
+    so far (S' <= S; keys past S' are not visible). window: sliding-window attention, where a query also
+    sees no key `window` or more slots before its own. A padding query that sees no key at all gets a zero
+    attention output from SDPA (torch >= 2.5), as in the reference.
     """
     keys = torch.arange(key_len, device=query_pos.device)
-    mask = (keys[None, :] <= query_pos[:, None])[None, None]  # (1, 1, T, S)
+    queries = query_pos[..., None]  # (T, 1) or (B, T, 1)
+    visible = keys <= queries
+    if window is not None:
+        visible = visible & (keys > queries - window)
+    mask = visible[None, None] if query_pos.dim() == 1 else visible[:, None]  # (1 or B, 1, T, S)
     if attention_mask is not None:
         pad = torch.zeros(attention_mask.shape[0], key_len, dtype=torch.bool, device=query_pos.device)
         n = min(attention_mask.shape[1], key_len)
