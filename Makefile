@@ -40,8 +40,8 @@ demo-model-idefics: $(BIN)/.installed
 	$(DEMO_BUILD) build/demo-idefics --family idefics
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check vlmkit tests examples benchmarks
-	$(BIN)/ruff format --check vlmkit tests examples benchmarks
+	$(BIN)/ruff check vlmkit tests examples benchmarks fuzz
+	$(BIN)/ruff format --check vlmkit tests examples benchmarks fuzz
 
 clean:
 	rm -rf $(VENV) build *.egg-info
