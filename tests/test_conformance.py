@@ -38,7 +38,7 @@ def family(request, tmp_path_factory):
     assert key in CHECKPOINTS, f"family {key} is registered but has no test checkpoint in tests/families.py"
     entry = CHECKPOINTS[key]
     folder, hf, proc = entry.build(tmp_path_factory.mktemp("-".join(key)))
-    return entry, vlmkit.VLM.load(folder), hf, proc
+    return entry, vlmkit.VLM.load(folder), hf, proc, folder
 
 
 def test_the_registry_is_covered():
@@ -46,7 +46,7 @@ def test_the_registry_is_covered():
 
 
 def test_processor_matches_transformers_and_round_trips(family):
-    entry, vlm, _, proc = family
+    entry, vlm, _, proc, _ = family
     for prompt, pictures in PROMPTS:
         ours = vlm.inputs(prompt, pictures)
         want = entry.reference_inputs(proc, prompt, pictures)
@@ -58,7 +58,7 @@ def test_processor_matches_transformers_and_round_trips(family):
 
 
 def test_forward_matches_transformers(family):
-    entry, vlm, hf, proc = family
+    entry, vlm, hf, proc, _ = family
     for prompt, pictures in PROMPTS:
         inputs = entry.reference_inputs(proc, prompt, pictures)
         with torch.no_grad():
@@ -69,7 +69,7 @@ def test_forward_matches_transformers(family):
 
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_generate_matches_transformers(family, num_beams):
-    entry, vlm, hf, proc = family
+    entry, vlm, hf, proc, _ = family
     for prompt, pictures in PROMPTS[:2]:
         inputs = entry.reference_inputs(proc, prompt, pictures)
         settings = dict(max_new_tokens=6, do_sample=False, num_beams=num_beams, pad_token_id=0)
@@ -80,7 +80,7 @@ def test_generate_matches_transformers(family, num_beams):
 
 
 def test_engine_equals_generate_in_a_batch(family):
-    _, vlm, _, _ = family
+    _, vlm, _, _, _ = family
     lengths = [7, 3, 9, 5]
     jobs = [PROMPTS[i % len(PROMPTS)] for i in range(len(lengths))]
     want = [vlm.generate(p, images=ims, max_new_tokens=n) for (p, ims), n in zip(jobs, lengths, strict=True)]
@@ -101,6 +101,33 @@ def test_engine_equals_generate_in_a_batch(family):
     finally:
         engine.stop(10)
     assert texts == want
+
+
+def test_encode_takes_each_pictures_item_on_its_own(family):
+    """`encode` gives one feature tensor per item, each the same as when the item is encoded alone: what the
+    engine's feature cache relies on. Pictures of different sizes (LLaVA-NeXT: different counts of tiles)
+    go in one call."""
+    _, vlm, _, _, _ = family
+    pictures = [picture(1, (30, 60)), picture(2), picture(3, (75, 24))]
+    plan = vlm.model.plan(vlm.inputs("Compare these three.", pictures))
+    assert len(plan.items) == 3
+    with torch.no_grad():
+        together = vlm.model.encode(plan.items)
+        alone = [vlm.model.encode([item])[0] for item in plan.items]
+    assert len(together) == 3
+    for a, b in zip(together, alone, strict=True):
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-5
+
+
+def test_info_parts_sum_to_the_total(family):
+    """`vlmkit info` lists every parameter under one part, top-level parameters as parts of their own."""
+    from vlmkit.cli import info_command
+
+    _, vlm, _, _, folder = family
+    info = info_command(str(folder))
+    assert info["parameters"] == sum(info["parts"].values()) == sum(p.numel() for p in vlm.model.parameters())
+    held = {name.partition(".")[0] for name, _ in vlm.model.named_parameters()}
+    assert {part.partition(".")[0] for part in info["parts"]} == held
 
 
 GENERIC = ["serve", "train", "generation.py", "beams.py", "runner.py", "fastpath.py", "cli.py", "vlm.py"]

@@ -7,6 +7,7 @@ pictures of different sizes, fine-tuning, quantization, `info` / `convert`, and 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 
@@ -28,7 +29,7 @@ from vlmkit.modules import causal_mask
 from vlmkit.quant import QuantLinear
 from vlmkit.serve.engine import Engine, Request, SamplingParams
 from vlmkit.train.data import collate, load_conversations
-from vlmkit.train.finetune import FinetuneConfig, finetune
+from vlmkit.train.finetune import FinetuneConfig, finetune, select_trainable
 
 TOL = 1e-4
 MISTRAL = {"sliding_window": 24, "num_key_value_heads": 2}
@@ -193,7 +194,7 @@ def test_config_reads_like_transformers_and_round_trips(raw):
 def test_published_sizes():
     mistral = LlavaNextConfig.from_hf(MISTRAL_7B)
     assert mistral.text_config.sliding_window is None and mistral.text_config.rope_theta == 1e6
-    assert mistral.max_tiles == 5 and mistral.patches_per_side == 24
+    assert mistral.tile_size == 336 and mistral.patches_per_side == 24
     assert LlavaNextConfig.from_hf(MISTRAL_DEFAULTS).text_config.sliding_window == 4096
     vicuna = LlavaNextConfig.from_hf(VICUNA_7B)
     assert (vicuna.text_config.model_type, vicuna.text_config.num_key_value_heads) == ("llama", 32)
@@ -326,6 +327,33 @@ def test_the_newline_vector_is_read(checkpoint):
     assert max_diff(after, before, inputs["attention_mask"]) > 10 * TOL
 
 
+def test_the_runner_encodes_each_picture_at_its_own_view_count(checkpoint):
+    """The engine's `plan` / `encode` take each picture's own views (no padding views through the tower)
+    with its size, and give the picture's token features, newlines included, as the forward computes them."""
+    _, _, _, vlm = checkpoint
+    model = vlm.model
+    inputs = vlm.inputs("Compare them.", PICTURES)
+    plan = model.plan(inputs)
+    sizes = [tuple(s) for s in inputs["image_sizes"].tolist()]
+    views = [len(item.pixels) for item in plan.items]
+    assert views == [model.tiles_for(s) for s in sizes] == [5, 4, 4]  # the processor padded them all to 5
+    assert [item.meta["image_size"] for item in plan.items] == sizes
+    seen = []
+    hook = model.vision_tower.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    try:
+        with torch.no_grad():
+            features = model.encode(plan.items)
+    finally:
+        hook.remove()
+    assert seen == [sum(views)]  # one run of the tower over the real views only
+    with torch.no_grad():
+        want = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+    assert [f.shape[0] for f in features] == [model.tokens_for(s) for s in sizes]
+    assert [f.shape for f in features] == [w.shape for w in want]
+    assert max(max_diff(f, w) for f, w in zip(features, want, strict=True)) < 1e-5
+    assert [len(item.positions) for item in plan.items] == [f.shape[0] for f in features]
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_generate_matches_transformers_on_the_batch(checkpoint, num_beams):
     _, hf, proc, vlm = checkpoint
@@ -406,10 +434,6 @@ def test_bad_inputs_raise_clear_errors(checkpoint):
         model.generate(ids, image_sizes=sizes)
     with pytest.raises(ValueError, match="image tokens do not match"):
         model.plan({"input_ids": ids})
-    with pytest.raises(ValueError, match="carry no image_sizes"):
-        from vlmkit.llava_next.anyres import picture_sizes
-
-        picture_sizes(pixels)
     with pytest.raises(ValueError, match="LLaVA-NeXT"):
         AnyResImageProcessor.from_dict({"image_processor_type": "CLIPImageProcessor"})
     with pytest.raises(ValueError, match="whole 30-pixel tiles"):
@@ -555,6 +579,9 @@ def test_training_samples_are_the_processors_inputs(checkpoint, tmp_path):
     assert sample.input_ids[: direct["input_ids"].shape[1]].tolist() == direct["input_ids"][0].tolist()
     learned = vlm.tokenizer.decode(sample.input_ids[sample.labels != -100].tolist(), skip_special_tokens=True)
     assert learned.strip() == "a star"
+    assert torch.equal(sample.image_inputs["image_sizes"], direct["image_sizes"])  # a field, not an attribute
+    assert torch.equal(sample.pixel_values, direct["pixel_values"])
+    assert not hasattr(sample.pixel_values, "image_sizes") and samples[-1].image_inputs == {}
     batch_ = collate(samples, pad_token_id=0)
     assert batch_["pixel_values"].shape[:2] == (4, 5) and batch_["image_sizes"].tolist()[:2] == [
         [40, 52],
@@ -562,6 +589,9 @@ def test_training_samples_are_the_processors_inputs(checkpoint, tmp_path):
     ]
     with torch.no_grad():
         assert torch.isfinite(vlm.model(**batch_).loss)
+    bare = dataclasses.replace(samples[1], image_inputs={})
+    with pytest.raises(ValueError, match=r"row 2: .* need image_sizes \(1, 2\) for its 1 pictures; got None"):
+        collate([samples[0], bare], pad_token_id=0)
 
 
 @pytest.mark.parametrize("train", ["lora", "full"])
@@ -584,6 +614,21 @@ def test_finetune_runs_and_the_result_loads(checkpoint, tmp_path, train):
         vlm = vlmkit.VLM.load(tmp_path / "out" / "final")
         assert isinstance(vlm.model, LlavaNextModel)
         assert isinstance(vlm.generate("Describe it.", images=PICTURES[:1], max_new_tokens=3), str)
+
+
+def test_projector_training_trains_the_newline_vector(checkpoint):
+    """train="projector" trains the projector and `image_newline`, a parameter of the model itself (parts
+    name parameters as well as modules); nothing else."""
+    folder = checkpoint[0]
+    model = select_trainable(
+        vlmkit.load_model(folder, inference=False),
+        FinetuneConfig(data="", output_dir="", model="x", train="projector"),
+    )
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "image_newline" in trained
+    assert trained - {"image_newline"} == {
+        n for n, _ in model.named_parameters() if n.startswith("multi_modal_projector.")
+    }
 
 
 def test_random_init_starts_the_newline_as_the_reference_does(checkpoint):
@@ -615,8 +660,9 @@ def test_info_and_convert(checkpoint, tmp_path):
     folder, hf, proc, vlm = checkpoint
     info = info_command(str(folder))
     assert info["model_type"] == "llava_next"
-    assert {"vision_tower", "multi_modal_projector", "language_model"} <= set(info["parts"])
-    assert info["parameters"] == sum(p.numel() for p in hf.parameters())
+    assert set(info["parts"]) == {"vision_tower", "multi_modal_projector", "image_newline", "language_model"}
+    assert info["parts"]["image_newline"] == hf.config.text_config.hidden_size
+    assert info["parameters"] == sum(info["parts"].values()) == sum(p.numel() for p in hf.parameters())
     out = convert_command(str(folder), str(tmp_path / "int8"), quantize="int8")
     quantized = vlmkit.VLM.load(out)
     assert isinstance(quantized.processor, type(vlm.processor))

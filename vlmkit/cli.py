@@ -367,14 +367,23 @@ def info_command(
     )
     m, _ = meta_model(raw, str(folder / "config.json"))
     owner = m.model if hasattr(m, "model") else m
-    prefix = "model." if owner is not m else ""
-    parts = {
-        prefix + name: sum(p.numel() for p in child.parameters()) for name, child in owner.named_children()
-    }
-    if owner is not m:
-        parts |= {
-            name: sum(p.numel() for p in c.parameters()) for name, c in m.named_children() if name != "model"
-        }
+    # the parts: each child of the model (of its `model` when it wraps one) and each parameter that the model
+    # holds itself (LLaVA-NeXT's image_newline); a parameter shared by two parts counts in the first
+    counted: set[int] = set()
+
+    def size(held: Any) -> int:
+        new = [p for p in held if id(p) not in counted]
+        counted.update(id(p) for p in new)
+        return sum(p.numel() for p in new)
+
+    parts: dict[str, int] = {}
+    levels = [(owner, "model."), (m, "")] if owner is not m else [(m, "")]
+    for module, at in levels:
+        for name, child in module.named_children():
+            if child is not owner:
+                parts[at + name] = size(child.parameters())
+        for name, p in module.named_parameters(recurse=False):
+            parts[at + name] = size([p])
     return {
         "model_type": raw["model_type"],
         "parameters": sum(p.numel() for p in m.parameters()),

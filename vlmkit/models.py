@@ -43,9 +43,11 @@ DEFAULT_MODEL = "demo"  # what every command runs without --model: the built-in 
 
 @dataclass(frozen=True)
 class TrainableParts:
-    """Which parts train in each `--train` mode, by module name (data the trainer reads, not branches)."""
+    """Which parts train in each `--train` mode, by module or parameter name (data the trainer reads, not
+    branches)."""
 
-    projector: tuple[str, ...]  # train="projector": these modules (a name matches itself or a ".name" tail)
+    # train="projector": these modules and parameters (a name matches itself or a ".name" tail)
+    projector: tuple[str, ...]
     lora_scope: tuple[str, ...]  # train="lora": adapters go on target linears under these module paths
     vision: tuple[str, ...]  # parameters whose names hold one of these belong to the vision tower (vision_lr)
 
@@ -75,7 +77,8 @@ class Family:
     processor_cls: type
     # (processor, prompt with <image> markers or none, images, *, allow_remote) -> the processor's outputs
     prompt_inputs: Callable[..., dict[str, torch.Tensor]]
-    # (processor, rendered conversation, learned-character mask, pixels or None, row) -> train.data.Sample
+    # (processor, rendered conversation, learned-character mask, the row's pictures as the processor's
+    # `image_inputs` ({} without pictures), row) -> train.data.Sample
     training_sample: Callable[..., Any]
     # (samples, padded length T) -> the batch's image entries ({} without images)
     collate_images: Callable[[list[Any], int], dict[str, torch.Tensor]]
@@ -176,8 +179,8 @@ def registry() -> tuple[Family, ...]:
             prompt_inputs=llava_next_policy.prompt_inputs,
             training_sample=llava_next_policy.training_sample,
             collate_images=llava_next_policy.collate_images,
-            trainable=TrainableParts(
-                projector=("multi_modal_projector",),
+            trainable=TrainableParts(  # the newline vector is a parameter of the model itself
+                projector=("multi_modal_projector", "image_newline"),
                 lora_scope=("language_model",),
                 vision=("vision_tower.",),
             ),

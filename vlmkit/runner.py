@@ -3,7 +3,9 @@
 A family's model implements `Runner` (most of it comes from `RunnerMixin`):
 - `plan(inputs)`: one request's processor outputs -> a `PromptPlan`: its token ids and its pictures as
   `ImageItem`s (pixels, metadata, a content hash, and the prompt tokens whose keys/values depend on each);
-- `encode(pixels)`: per-picture features, which is what the engine's feature cache stores;
+- `encode(items)`: each picture's features from its item (its pixels and its metadata, so pictures of
+  different shapes, such as LLaVA-NeXT's different counts of tiles, encode in one call), which is what the
+  engine's feature cache stores;
 - `prompt_images(plan, start, features)`: what the prefill of the plan's tokens from `start` on needs of
   the pictures, in the family's own form;
 - `prefill(ids, images=..., ...)` and `decode(tokens, ...)`: the decoder over a KV cache view, slots passed
@@ -31,10 +33,10 @@ from vlmkit.modules import CacheSlots
 class ImageItem:
     """One picture of a request."""
 
-    pixels: torch.Tensor  # (C, H, W), preprocessed
+    pixels: torch.Tensor  # preprocessed, in the family's shape: (C, H, W), or (views, C, H, W) for tiles
     key: str  # SHA-256 of the pixels (and metadata): the feature cache's key
     positions: list[int]  # the prompt tokens whose keys/values depend on this picture
-    meta: dict[str, Any] = field(default_factory=dict)  # per-picture metadata (sizes, ...)
+    meta: dict[str, Any] = field(default_factory=dict)  # what else `encode` needs of it (LLaVA-NeXT: size)
 
 
 @dataclass
@@ -100,8 +102,9 @@ class Runner(Protocol):
         """One request's processor outputs (batch of 1) -> its ids and pictures; raises ValueError on inputs
         that do not fit together (image tokens against pictures, masks against ids)."""
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pictures (K, C, H, W) -> per-picture features (K, ...), each independent of the others."""
+    def encode(self, items: list[ImageItem]) -> list[torch.Tensor]:
+        """Pictures (their items' pixels and metadata; shapes may differ between them) -> one feature tensor
+        per item, in order, each independent of the other items."""
 
     def prompt_images(self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]) -> Any:
         """What `prefill` of the plan's tokens from `start` on needs of its pictures, in the family's own

@@ -355,10 +355,11 @@ class IdeficsModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module)
             ids=ids, items=items, decode_items=decode_items, extra={"image_attention_mask": iam}
         )
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(K, C, H, W) -> image states (K, S, C_vis), each picture on its own."""
+    def encode(self, items: list[ImageItem]) -> list[torch.Tensor]:
+        """Pictures (C, H, W) each -> image states (S, C_vis) each, each picture on its own."""
+        pixels = torch.stack([item.pixels for item in items])  # (K, C, H, W)
         ones = torch.ones(pixels.shape[0], 1, 1, dtype=torch.long, device=pixels.device)
-        return self.encode_images(pixel_values=pixels[:, None], image_attention_mask=ones)[:, 0]
+        return list(self.encode_images(pixel_values=pixels[:, None], image_attention_mask=ones)[:, 0])
 
     def prompt_images(
         self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]

@@ -28,10 +28,11 @@ def prompt_inputs(
 
 
 def training_sample(
-    processor: IdeficsProcessor, text: str, mask: np.ndarray, pixel_values: torch.Tensor | None, row: int
+    processor: IdeficsProcessor, text: str, mask: np.ndarray, images: dict[str, torch.Tensor], row: int
 ) -> Sample:
     """The rendered text is split at its `<image>` markers into an interleaved sample, which build_prompt
     turns into the IDEFICS prompt (BOS, image and fake tokens, pieces stripped of end spaces)."""
+    pixel_values = images.get("pixel_values")
     n_images = 0 if pixel_values is None else len(pixel_values)
     count_rendered_images(text, IMAGE_TOKEN, n_images)
     prompt, prompt_mask = training_prompt(processor, text, mask)

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import torch
 
 from vlmkit.image_processor import ImageProcessor
-from vlmkit.images import DEFAULT_MAX_PIXELS
+from vlmkit.images import DEFAULT_MAX_PIXELS, ImageInput
 from vlmkit.processing import read_processor_files, split_messages
 from vlmkit.tokenizer import Tokenizer
 
@@ -112,6 +112,20 @@ class IdeficsProcessor:
             text += self.tokenizer.eos_token
         return text, images
 
+    def image_inputs(
+        self, images: Sequence[ImageInput], *, allow_remote: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The image entries of one sample's pictures: pixel_values (N, 3, H, W) (`__call__` pads them into
+        (B, N_max, 3, H, W) over a batch).
+
+        >>> processor.image_inputs([Image.new("RGB", (64, 48))])["pixel_values"].shape
+        torch.Size([1, 3, 224, 224])
+        """
+        pixels = self.image_processor.preprocess(
+            list(images), allow_remote=allow_remote, max_pixels=self.max_pixels
+        )
+        return {"pixel_values": pixels}
+
     def __call__(
         self,
         text: Any = None,
@@ -152,9 +166,7 @@ class IdeficsProcessor:
             # truncation may have cut image tokens: keep as many images as tokens remain
             kept = imgs[: int((input_ids[b] == self.image_token_id).sum())]
             if kept:
-                pixels = self.image_processor.preprocess(
-                    kept, allow_remote=allow_remote, max_pixels=self.max_pixels
-                )
+                pixels = self.image_inputs(kept, allow_remote=allow_remote)["pixel_values"]
                 pixel_values[b, : len(kept)] = pixels
         if any(sample_images):
             image_attention_mask = self.image_attention_mask(input_ids, N)

@@ -91,11 +91,6 @@ def tile_count(size: Sequence[int], pinpoints: Sequence[Sequence[int]], tile: in
     return 1 + rows * cols
 
 
-def max_tile_count(pinpoints: Sequence[Sequence[int]], tile: int) -> int:
-    """The most views any picture takes under these pinpoints."""
-    return 1 + max((h // tile) * (w // tile) for h, w in pinpoints)
-
-
 def unpadded_box(size: Sequence[int], rows: int, cols: int) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) of the cells of a rows x cols feature grid that show the picture of `size`
     (height, width) rather than the canvas's padding: the padding is split evenly over both sides of the
@@ -190,20 +185,6 @@ class AnyResImageProcessor:
             pixels[i, : len(picture)] = np.stack(picture)
         return torch.from_numpy(pixels), torch.tensor(sizes, dtype=torch.long)
 
-    def preprocess(
-        self,
-        images: Sequence[ImageInput],
-        *,
-        allow_remote: bool = False,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-    ) -> torch.Tensor:
-        """`tiles`' pixel_values, with the pictures' sizes attached as `pixel_values.image_sizes`: the one
-        tensor that the generic training data path (`vlmkit.train.data`) carries from the image files to
-        this family's `training_sample`."""
-        pixels, sizes = self.tiles(images, allow_remote=allow_remote, max_pixels=max_pixels)
-        pixels.image_sizes = sizes
-        return pixels
-
     def picture_views(self, image: Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray]:
         """The base view and the tiles (row by row) of one RGB picture, each finished: (3, h, w) float32."""
         size = (image.height, image.width)
@@ -222,14 +203,3 @@ class AnyResImageProcessor:
         ]
         base = image.resize(self.base_size[::-1], resample=self.views.resample)
         return [self.views.finish(view, max_pixels=max_pixels) for view in (base, *tiles)]
-
-
-def picture_sizes(pixel_values: torch.Tensor) -> torch.Tensor:
-    """The (N, 2) sizes that `AnyResImageProcessor.preprocess` attached to its pixel_values."""
-    sizes = getattr(pixel_values, "image_sizes", None)
-    if not isinstance(sizes, torch.Tensor) or tuple(sizes.shape) != (pixel_values.shape[0], 2):
-        raise ValueError(
-            "LLaVA-NeXT pixel_values carry no image_sizes: build them with the LLaVA-NeXT processor's "
-            "image_processor.preprocess"
-        )
-    return sizes

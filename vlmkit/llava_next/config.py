@@ -15,7 +15,7 @@ from typing import Any
 from vlmkit.clip import CLIPVisionConfig
 from vlmkit.configs import section
 from vlmkit.llama import LlamaConfig
-from vlmkit.llava_next.anyres import DEFAULT_PINPOINTS, max_tile_count, parse_pinpoints
+from vlmkit.llava_next.anyres import DEFAULT_PINPOINTS, parse_pinpoints
 from vlmkit.vipllava.config import DEFAULT_VISION
 
 TEXT_MODEL_TYPES = ("llama", "mistral")
@@ -77,11 +77,6 @@ class LlavaNextConfig:
     def patches_per_side(self) -> int:
         """Feature cells along one side of a tile."""
         return self.vision_config.image_size // self.vision_config.patch_size
-
-    @property
-    def max_tiles(self) -> int:
-        """The most views (base and tiles) one picture can take."""
-        return max_tile_count(self.image_grid_pinpoints, self.tile_size)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> LlavaNextConfig:

@@ -75,7 +75,7 @@ class LlavaNextModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Modul
         return self.multi_modal_projector(torch.cat([s[:, 1:] for s in states], dim=-1))
 
     def pack(self, features: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """One picture's view features (>= its views, P, C) -> its token features (tokens_for(size), C): the
+        """One picture's view features (its views, P, C) -> its token features (tokens_for(size), C): the
         base view's cells, then the grid's kept cells row by row, each row closed by the newline vector."""
         c = self.config
         rows, cols = grid_shape(size, c.image_grid_pinpoints, c.tile_size)
@@ -266,33 +266,26 @@ class LlavaNextModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Modul
 
     def plan(self, inputs: dict[str, torch.Tensor]) -> PromptPlan:
         """One prompt (1, L) and its pictures: picture j fills the j-th run of tokens_for(size_j) `<image>`
-        tokens. Each picture's views are zero-padded to the config's most (`max_tiles`), so that pictures of
-        any size stack into one `encode`; its size goes with it as `meta["image_size"]`."""
+        tokens. Each item holds the picture's own views (as many as its size takes, without the processor's
+        padding) and its size, as `meta["image_size"]`."""
         ids = inputs["input_ids"]
         views, sizes = self.check_pictures(ids, inputs.get("pixel_values"), inputs.get("image_sizes"))
         where = (ids[0] == self.config.image_token_index).nonzero()[:, 0].tolist()
         items, start = [], 0
         for picture, size in zip(views, sizes, strict=True):
             n = self.tokens_for(size)
-            padded = picture.new_zeros(self.config.max_tiles, *picture.shape[1:])
-            padded[: len(picture)] = picture
             meta = {"image_size": size}
-            items.append(
-                ImageItem(
-                    pixels=padded,
-                    key=content_key(picture, meta),
-                    positions=where[start : start + n],
-                    meta=meta,
-                )
-            )
+            key = content_key(picture, meta)
+            items.append(ImageItem(pixels=picture, key=key, positions=where[start : start + n], meta=meta))
             start += n
         return PromptPlan(ids=ids, items=items, decode_items=[])
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pictures (K, V, C, H, W), views zero-padded to `max_tiles` -> every view's features (K, V, P, C_text);
-        `prompt_images` lays out the ones each picture's size uses."""
-        K, V = pixels.shape[:2]
-        return self.tile_features(pixels.flatten(0, 1)).unflatten(0, (K, V))
+    def encode(self, items: list[ImageItem]) -> list[torch.Tensor]:
+        """Pictures (views_i, C, H, W), each with its size -> each picture's token features
+        (tokens_for(size_i), C_text), the vision tower run once over every view of every picture."""
+        return self.packed_features(
+            [item.pixels for item in items], [item.meta["image_size"] for item in items]
+        )
 
     def prompt_images(
         self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]
@@ -301,12 +294,7 @@ class LlavaNextModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Modul
         n = int((plan.ids[0, start:] == self.config.image_token_index).sum())
         if not n:
             return None
-        packed = [
-            self.pack(f, item.meta["image_size"])
-            for item, f in zip(plan.items, features, strict=True)
-            if f is not None
-        ]
-        return torch.cat(packed)[-n:][None]
+        return torch.cat([f for f in features if f is not None])[-n:][None]
 
     def prefill(
         self,

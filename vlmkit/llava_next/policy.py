@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from vlmkit.llava_next.anyres import picture_sizes
 from vlmkit.llava_next.processor import LlavaNextProcessor, expand_markers
 from vlmkit.train.data import BadRow, Sample, count_rendered_images, label_tokens
 from vlmkit.vipllava.policy import prompt_inputs
@@ -22,16 +21,17 @@ __all__ = ["collate_images", "init_parameter", "prompt_inputs", "training_sample
 
 
 def training_sample(
-    processor: LlavaNextProcessor, text: str, mask: np.ndarray, pixel_values: torch.Tensor | None, row: int
+    processor: LlavaNextProcessor, text: str, mask: np.ndarray, images: dict[str, torch.Tensor], row: int
 ) -> Sample:
-    """Each `<image>` becomes its picture's count of image tokens (from the size its pixel_values carry),
-    then the text is tokenized with special tokens, as LlavaNextProcessor does."""
+    """Each `<image>` becomes its picture's count of image tokens (from its size in `image_sizes`), then the
+    text is tokenized with special tokens, as LlavaNextProcessor does. The sizes go with the sample as its
+    `image_inputs`."""
     marker = processor.image_token
+    pixel_values, sizes = images.get("pixel_values"), images.get("image_sizes")
     n_images = 0 if pixel_values is None else len(pixel_values)
     count_rendered_images(text, marker, n_images)
     counts: list[int] = []
     if pixel_values is not None:
-        sizes = picture_sizes(pixel_values)
         counts = [processor.tokens_for(size, *pixel_values.shape[-2:]) for size in sizes.tolist()]
         pieces = text.split(marker)
         (text,) = expand_markers([text], marker, counts)
@@ -49,6 +49,7 @@ def training_sample(
         pixel_values=pixel_values,
         image_attention_mask=None,
         row=row,
+        image_inputs={} if sizes is None else {"image_sizes": sizes},
     )
 
 
@@ -67,13 +68,27 @@ def widen_gaps(mask: np.ndarray, piece_lengths: list[int], gap: int, new_gaps: l
 
 def collate_images(samples: list[Sample], T: int) -> dict[str, torch.Tensor]:
     """pixel_values (N_total, V_max, 3, h, w), every sample's pictures in order with their views zero-padded
-    to the batch's most, and image_sizes (N_total, 2); nothing without images."""
-    pictures = [s.pixel_values for s in samples if s.pixel_values is not None and len(s.pixel_values)]
-    if not pictures:
+    to the batch's most, and image_sizes (N_total, 2) from the samples' image_inputs; nothing without
+    images."""
+    with_pictures = [s for s in samples if s.pixel_values is not None and len(s.pixel_values)]
+    if not with_pictures:
         return {}
-    most = max(p.shape[1] for p in pictures)
-    pixels = torch.cat([nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pictures])
-    return {"pixel_values": pixels, "image_sizes": torch.cat([picture_sizes(p) for p in pictures])}
+    for s in with_pictures:
+        n, sizes = len(s.pixel_values), s.image_inputs.get("image_sizes")
+        if sizes is None or tuple(sizes.shape) != (n, 2):
+            raise ValueError(
+                f"row {s.row}: the sample's image_inputs need image_sizes ({n}, 2) for its {n} pictures; "
+                f"got {None if sizes is None else tuple(sizes.shape)}"
+            )
+    most = max(s.pixel_values.shape[1] for s in with_pictures)
+    pixels = [
+        nn.functional.pad(s.pixel_values, (0, 0, 0, 0, 0, 0, 0, most - s.pixel_values.shape[1]))
+        for s in with_pictures
+    ]
+    return {
+        "pixel_values": torch.cat(pixels),
+        "image_sizes": torch.cat([s.image_inputs["image_sizes"] for s in with_pictures]),
+    }
 
 
 def init_parameter(name: str, p: nn.Parameter, config: Any, g: torch.Generator) -> bool:

@@ -104,6 +104,21 @@ class LlavaNextProcessor:
         n = grid + rows * cols + self.num_additional_image_tokens
         return n - 1 if self.vision_feature_select_strategy == "default" else n
 
+    def image_inputs(
+        self, images: Sequence[ImageInput], *, allow_remote: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The image entries of the inputs for these pictures: pixel_values (N, V, 3, h, w), each picture's
+        views zero-padded to the most, and image_sizes (N, 2), each picture's (height, width).
+
+        >>> out = processor.image_inputs([Image.new("RGB", (800, 600))])
+        >>> out["pixel_values"].shape, out["image_sizes"].tolist()
+        (torch.Size([1, 5, 3, 336, 336]), [[600, 800]])
+        """
+        pixels, sizes = self.image_processor.tiles(
+            list(images), allow_remote=allow_remote, max_pixels=self.max_pixels
+        )
+        return {"pixel_values": pixels, "image_sizes": sizes}
+
     def __call__(
         self,
         text: str | Sequence[str] | None = None,
@@ -130,12 +145,10 @@ class LlavaNextProcessor:
         out: dict[str, torch.Tensor] = {}
         counts: list[int] = []
         if flat:
-            pixels, sizes = self.image_processor.tiles(
-                flat, allow_remote=allow_remote, max_pixels=self.max_pixels
-            )
-            counts = [self.tokens_for(size, *pixels.shape[-2:]) for size in sizes.tolist()]
+            out = self.image_inputs(flat, allow_remote=allow_remote)
+            view = out["pixel_values"].shape[-2:]
+            counts = [self.tokens_for(size, *view) for size in out["image_sizes"].tolist()]
             texts = expand_markers(texts, self.image_token, counts)
-            out = {"pixel_values": pixels, "image_sizes": sizes}
         enc = self.tokenizer(
             texts,
             padding=padding,

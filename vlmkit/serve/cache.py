@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from vlmkit.modules import CacheSlots
-from vlmkit.runner import PromptPlan, Runner
+from vlmkit.runner import ImageItem, PromptPlan, Runner
 
 
 class RowKVCache(torch.nn.Module):
@@ -214,9 +214,9 @@ class CacheManager:
 
     def encode_needed(self, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
         """Features of every picture some joining prompt still needs: from the cache, or computed for all of
-        them in one call of the runner's `encode`."""
+        them in one call of the runner's `encode` (which takes the pictures' items, whatever their shapes)."""
         found: dict[str, torch.Tensor] = {}
-        todo: dict[str, torch.Tensor] = {}
+        todo: dict[str, ImageItem] = {}
         for prompt in prompts:
             for item, need in zip(prompt.plan.items, prompt.needed, strict=True):
                 if not need or item.key in found or item.key in todo:
@@ -225,9 +225,9 @@ class CacheManager:
                 if hit is not None:
                     found[item.key] = hit
                 else:
-                    todo[item.key] = item.pixels
+                    todo[item.key] = item
         if todo:
-            computed = self.model.encode(torch.stack(list(todo.values())))
+            computed = self.model.encode(list(todo.values()))
             for key, f in zip(todo, computed, strict=True):
                 self.features.put(key, f)
                 found[key] = f

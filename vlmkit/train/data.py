@@ -51,10 +51,13 @@ class Sample:
 
     input_ids: torch.Tensor  # (T,) long
     labels: torch.Tensor  # (T,) long
-    pixel_values: torch.Tensor | None  # (n_images, 3, H, W); None without images
+    pixel_values: torch.Tensor | None  # (n_images, ...) as the processor gives them; None without images
     image_attention_mask: torch.Tensor | None  # IDEFICS: (T, n_images) long; None for the LLaVA family
     row: int  # 1-based line number in the JSONL file
     family: str = ""  # the registry name of the family whose processor built it (set by make_sample)
+    # the family's per-picture inputs besides the pixels, (n_images, ...) each, which its `collate_images`
+    # batches (LLaVA-NeXT: image_sizes (n_images, 2)); empty where the pixels say everything
+    image_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,12 +182,12 @@ def make_sample(
     conversation = parse_row(line, folder)
     turns = place_markers(conversation.turns, len(conversation.images))
     messages = to_messages(turns)
-    pixel_values = load_pixels(processor, conversation.images)
+    images = load_images(processor, conversation.images)
     text, spans = render_with_spans(processor, messages)
     mask = np.zeros(len(text), dtype=bool)  # True on the characters the model learns
     for start, end in spans:
         mask[start:end] = True
-    sample = family.training_sample(processor, text, mask, pixel_values, row)
+    sample = family.training_sample(processor, text, mask, images, row)
     sample.family = family.name
     if len(sample.input_ids) > max_length:
         raise BadRow("too long", f"{len(sample.input_ids)} tokens, above max_length={max_length}")
@@ -262,15 +265,16 @@ def to_messages(turns: list[tuple[str, str]]) -> list[dict[str, Any]]:
     return messages
 
 
-def load_pixels(processor: Processor, images: list[Path]) -> torch.Tensor | None:
-    """(n_images, 3, H, W), or None without images."""
+def load_images(processor: Processor, images: list[Path]) -> dict[str, torch.Tensor]:
+    """The processor's image entries for the row's files (its `image_inputs`: pixel_values, and whatever
+    else the family reads per picture, such as LLaVA-NeXT's image_sizes); empty without images."""
     if not images:
-        return None
+        return {}
     for image in images:
         if not image.is_file():
             raise BadRow("missing image", f"no image file {image}")
-    try:  # preprocess loads each file with vlmkit.images.load_image
-        return processor.image_processor.preprocess(images, max_pixels=processor.max_pixels)
+    try:  # each file is loaded with vlmkit.images.load_image
+        return processor.image_inputs(images)
     except (ValueError, OSError) as e:
         raise BadRow("bad image", str(e)) from None
 
@@ -348,7 +352,8 @@ def collate(samples: list[Sample], *, pad_token_id: int) -> dict[str, torch.Tens
 
     The images batch as the samples' family says (its `collate_images`). LLaVA family: pixel_values
     (N_total, 3, H, W), every sample's images in order; IDEFICS: pixel_values (B, N_max, 3, H, W) and
-    image_attention_mask (B, T_max, N_max), zero-padded; both absent when no sample has an image.
+    image_attention_mask (B, T_max, N_max), zero-padded; LLaVA-NeXT: pixel_values (N_total, V_max, 3, h, w)
+    and image_sizes (N_total, 2); all absent when no sample has an image.
 
         >>> batch = collate(samples[:4], pad_token_id=0)
         >>> model(**batch).loss

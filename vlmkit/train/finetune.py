@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -145,9 +146,9 @@ def select_trainable(model: nn.Module, config: FinetuneConfig) -> nn.Module:
         model.requires_grad_(True)
     elif config.train == "projector":
         model.requires_grad_(False)
-        for name, module in model.named_modules():
-            if any(name == part or name.endswith(f".{part}") for part in parts.projector):
-                module.requires_grad_(True)
+        for name, p in model.named_parameters(remove_duplicate=False):  # a shared one, under each name
+            if in_parts(name, parts.projector):
+                p.requires_grad_(True)
     elif config.train == "lora":
         from peft import LoraConfig, get_peft_model
         from peft.tuners.lora.layer import Linear as LoraLinear
@@ -165,6 +166,19 @@ def select_trainable(model: nn.Module, config: FinetuneConfig) -> nn.Module:
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"train={config.train!r} leaves nothing to train in this model")
     return model
+
+
+def in_parts(name: str, parts: Sequence[str]) -> bool:
+    """Whether the parameter `name` is one that `parts` names, or lies in a module they name: a part matches
+    a module or parameter path equal to it or ending in ".part".
+
+        >>> parts = ["multi_modal_projector", "image_newline"]
+        >>> [in_parts(n, parts) for n in ("image_newline", "multi_modal_projector.linear_1.bias", "x.newline")]
+        [True, True, False]
+    """
+    pieces = name.split(".")
+    paths = [".".join(pieces[:i]) for i in range(1, len(pieces) + 1)]  # "a", "a.b", ..., the name itself
+    return any(path == part or path.endswith(f".{part}") for path in paths for part in parts)
 
 
 def param_groups(model: nn.Module, config: FinetuneConfig) -> list[dict[str, Any]]:

@@ -218,9 +218,9 @@ class VipLlavaModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module
         ]
         return PromptPlan(ids=ids, items=items, decode_items=[])
 
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(K, C, H, W) -> projected features (K, P, C_text)."""
-        return self.get_image_features(pixels)
+    def encode(self, items: list[ImageItem]) -> list[torch.Tensor]:
+        """Pictures (C, H, W) each -> projected features (P, C_text) each, the tower run once over all."""
+        return list(self.get_image_features(torch.stack([item.pixels for item in items])))
 
     def prompt_images(
         self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]

@@ -26,11 +26,12 @@ def prompt_inputs(
 
 
 def training_sample(
-    processor: LlavaProcessor, text: str, mask: np.ndarray, pixel_values: torch.Tensor | None, row: int
+    processor: LlavaProcessor, text: str, mask: np.ndarray, images: dict[str, torch.Tensor], row: int
 ) -> Sample:
     """Each `<image>` becomes tokens_for(H, W) image tokens, then the text is tokenized with special tokens,
     as LlavaProcessor does."""
     marker = processor.image_token
+    pixel_values = images.get("pixel_values")
     n_images = 0 if pixel_values is None else len(pixel_values)
     count_rendered_images(text, marker, n_images)
     per_image = 0

@@ -111,6 +111,19 @@ class LlavaProcessor:
         n = (height // self.patch_size) * (width // self.patch_size) + self.num_additional_image_tokens
         return n - 1 if self.vision_feature_select_strategy == "default" else n
 
+    def image_inputs(
+        self, images: Sequence[ImageInput], *, allow_remote: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The image entries of the inputs for these pictures: pixel_values (N, 3, H, W).
+
+        >>> processor.image_inputs([Image.new("RGB", (64, 48))])["pixel_values"].shape
+        torch.Size([1, 3, 336, 336])
+        """
+        pixels = self.image_processor.preprocess(
+            list(images), allow_remote=allow_remote, max_pixels=self.max_pixels
+        )
+        return {"pixel_values": pixels}
+
     def __call__(
         self,
         text: str | Sequence[str] | None = None,
@@ -136,12 +149,9 @@ class LlavaProcessor:
             )
         out: dict[str, torch.Tensor] = {}
         if flat:
-            pixels = self.image_processor.preprocess(
-                flat, allow_remote=allow_remote, max_pixels=self.max_pixels
-            )
-            n = self.tokens_for(*pixels.shape[-2:])
+            out = self.image_inputs(flat, allow_remote=allow_remote)
+            n = self.tokens_for(*out["pixel_values"].shape[-2:])
             texts = [t.replace(self.image_token, self.image_token * n) for t in texts]
-            out["pixel_values"] = pixels
         enc = self.tokenizer(
             texts,
             padding=padding,
