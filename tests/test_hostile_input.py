@@ -426,3 +426,46 @@ def httpx_post(url: str, body: dict):
     import httpx
 
     return httpx.post(url + "/v1/completions", json=body, timeout=60)
+
+
+def test_each_step_of_a_request_is_bounded_by_its_deadline():
+    """Picture decoding, drawing and tokenization run in the worker pool within the request's own deadline:
+    a step that outlasts it is a 408 at the deadline, and the server answers /health meanwhile."""
+    import threading
+
+    import httpx
+    import uvicorn
+    from test_serve import NoModel, free_port
+
+    class SlowProcessor(NoModel):
+        def inputs(self, prompt: str) -> dict:
+            time.sleep(3)  # a huge picture, a pathological prompt: CPU work that takes long
+            return {"prompt": prompt}
+
+    app = create_app(
+        SlowProcessor(), ScriptedEngine("ok"), model_name="m", config=ServerConfig(request_timeout=0.5)
+    )
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.02)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health: list[float] = []
+
+        def poll() -> None:
+            started = time.monotonic()
+            assert httpx.get(url + "/health").status_code == 200
+            health.append(time.monotonic() - started)
+
+        threading.Timer(0.2, poll).start()
+        started = time.monotonic()
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        took = time.monotonic() - started
+        assert r.status_code == 408 and r.json()["error"]["type"] == "timeout_error", r.text
+        assert "deadline" in r.json()["error"]["message"] and took < 1.5, took
+        time.sleep(0.3)
+        assert len(health) == 1 and health[0] < 1
+    finally:
+        server.should_exit = True

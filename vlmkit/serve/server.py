@@ -101,6 +101,11 @@ class Metrics:
         self.prefix_hits.set_function(lambda: engine.prefix.hit_tokens)
         self.prefix_blocks = Gauge("vlmkit_prefix_cache_blocks", "blocks in the prefix cache", registry=r)
         self.prefix_blocks.set_function(lambda: len(engine.prefix.items))
+        self.prefix_bytes = Gauge(
+            "vlmkit_prefix_cache_bytes", "bytes of the keys/values held in the prefix cache", registry=r
+        )
+        # list() copies the values in one step, while the engine's thread may add or evict blocks
+        self.prefix_bytes.set_function(lambda: sum(t.nbytes for t in list(engine.prefix.items.values())))
 
     def finished(self, job: EngineRequest) -> None:
         """Count a request once, when its handler is done with it (finished, failed or abandoned)."""
@@ -364,16 +369,35 @@ async def page() -> HTMLResponse:
 
 async def chat_completions(request: Request) -> Any:
     s = request.app.state
-    body = await read_body(request, ChatRequest)
-    messages = await asyncio.to_thread(convert_messages, body.messages, s.config, s.engine.config.max_images)
-    inputs = await processed(s.vlm.chat_inputs, messages)
-    return await answer(request, body, inputs, chat=True)
+    deadline = time.monotonic() + s.config.request_timeout
+    body = await within(deadline, "reading the body", read_body(request, ChatRequest))
+    max_images = s.engine.config.max_images
+    messages = await off_loop(
+        deadline, "loading its pictures", convert_messages, body.messages, s.config, max_images
+    )
+    inputs = await processed(deadline, s.vlm.chat_inputs, messages)
+    return await answer(request, body, inputs, chat=True, deadline=deadline)
 
 
 async def completions(request: Request) -> Any:
-    body = await read_body(request, CompletionRequest)
-    inputs = await processed(request.app.state.vlm.inputs, body.prompt)
-    return await answer(request, body, inputs, chat=False)
+    deadline = time.monotonic() + request.app.state.config.request_timeout
+    body = await within(deadline, "reading the body", read_body(request, CompletionRequest))
+    inputs = await processed(deadline, request.app.state.vlm.inputs, body.prompt)
+    return await answer(request, body, inputs, chat=False, deadline=deadline)
+
+
+async def within(deadline: float, doing: str, step: Any) -> Any:
+    """Await one step of a request, cut off (408) at the request's deadline."""
+    try:
+        return await asyncio.wait_for(step, max(deadline - time.monotonic(), 0.0))
+    except TimeoutError:
+        raise APIError(408, f"the request ran past its deadline while {doing}", "timeout_error") from None
+
+
+async def off_loop(deadline: float, doing: str, work: Callable[..., Any], *args: Any) -> Any:
+    """CPU work of a request (picture decoding, prompt drawing, tokenization) in the worker pool, off the
+    event loop, within the request's deadline (past it the answer is a 408; the worker finishes alone)."""
+    return await within(deadline, doing, asyncio.to_thread(work, *args))
 
 
 async def read_body(request: Request, schema: type[BaseModel]) -> Any:
@@ -395,10 +419,10 @@ async def read_body(request: Request, schema: type[BaseModel]) -> Any:
     return body
 
 
-async def processed(process: Callable[[Any], dict], what: Any) -> dict:
+async def processed(deadline: float, process: Callable[[Any], dict], what: Any) -> dict:
     """The processor's tensors for a prompt or messages, off the event loop; what it refuses is a 400."""
     try:
-        return await asyncio.to_thread(process, what)
+        return await off_loop(deadline, "tokenizing and processing its pictures", process, what)
     except ValueError as e:
         raise APIError(400, str(e)) from None
 
@@ -408,7 +432,7 @@ def failure(event: Event) -> EngineError:
     return event.error or EngineFailure("the request failed without saying why")
 
 
-async def answer(request: Request, body: SamplingFields, inputs: dict, *, chat: bool) -> Any:
+async def answer(request: Request, body: SamplingFields, inputs: dict, *, chat: bool, deadline: float) -> Any:
     """Submit one request to the engine and answer with its completion, whole or streamed."""
     s = request.app.state
     adapter = requested_adapter(request, body.model)
@@ -419,7 +443,7 @@ async def answer(request: Request, body: SamplingFields, inputs: dict, *, chat: 
         inputs=inputs,
         params=body.params(s.config.max_tokens_default),
         emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-        deadline=time.monotonic() + s.config.request_timeout,
+        deadline=deadline,
         id=reply.id,
         adapter=adapter,
     )
