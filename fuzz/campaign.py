@@ -112,8 +112,10 @@ def metrics_total(url: str, headers: dict[str, str]) -> int:
 
 
 class Campaign:
-    def __init__(self, url: str, *, deadline: float, api_key: str | None = None) -> None:
-        self.url, self.deadline = url, deadline
+    def __init__(
+        self, url: str, *, deadline: float, api_key: str | None = None, keep: Path | None = None
+    ) -> None:
+        self.url, self.deadline, self.keep = url, deadline, keep
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(timeout=deadline + 30, headers=self.headers)
         self.report = Report()
@@ -132,6 +134,20 @@ class Campaign:
         rep.statuses[str(r.status_code)] = rep.statuses.get(str(r.status_code), 0) + 1
         rep.slowest_s = max(rep.slowest_s, took)
         body = kwargs.get("content") or json.dumps(kwargs.get("json"))[:300]
+        if (r.status_code >= 500 or took > self.deadline) and self.keep is not None:
+            whole = kwargs.get("content") or json.dumps(kwargs.get("json")).encode()
+            with self.keep.open("a") as f:  # each failing request whole, to replay it
+                f.write(
+                    json.dumps(
+                        {
+                            "method": method,
+                            "path": path,
+                            "status": r.status_code,
+                            "body": whole.decode("utf-8", "replace"),
+                        }
+                    )
+                    + "\n"
+                )
         if r.status_code >= 500:
             rep.failures.append(f"{method} {path} -> {r.status_code} {r.text[:300]} for {str(body)[:300]}")
         if took > self.deadline:
@@ -200,12 +216,19 @@ def seed_of(test: Any, seed: int) -> Any:
 
 
 def run_campaign(
-    url: str, *, requests: int, seed: int = 0, deadline: float = 22.0, api_key: str | None = None
+    url: str,
+    *,
+    requests: int,
+    seed: int = 0,
+    deadline: float = 22.0,
+    api_key: str | None = None,
+    keep: Path | None = None,
 ) -> Report:
     """About `requests` requests against the server at `url` (half from the schema, half from the
-    message strategies), with the properties checked; the report's `failures` lists what broke."""
+    message strategies), with the properties checked; the report's `failures` lists what broke, and
+    `keep` (a JSONL file) gets each failing request whole."""
     started = time.monotonic()
-    campaign = Campaign(url, deadline=deadline, api_key=api_key)
+    campaign = Campaign(url, deadline=deadline, api_key=api_key, keep=keep)
     health = Health(url)
     health.start()
     before_metrics = metrics_total(url, campaign.headers)
@@ -275,6 +298,7 @@ def main() -> int:
     parser.add_argument("--api-key")
     parser.add_argument("--json", help="write the report here")
     parser.add_argument("--server-log", default="fuzz-server.log", help="the started server's output")
+    parser.add_argument("--failures", default="fuzz-failures.jsonl", help="failing requests, whole, go here")
     args = parser.parse_args()
     proc = None
     url = args.url
@@ -284,7 +308,8 @@ def main() -> int:
         proc = start_server(args.model, args.port, key, log)
         url = f"http://127.0.0.1:{args.port}"
     try:
-        report = run_campaign(url, requests=args.requests, seed=args.seed, api_key=args.api_key)
+        keep = Path(args.failures)
+        report = run_campaign(url, requests=args.requests, seed=args.seed, api_key=args.api_key, keep=keep)
     finally:
         if proc is not None:
             proc.terminate()

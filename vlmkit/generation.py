@@ -255,6 +255,8 @@ def sample(
 ) -> torch.Tensor:
     """Next token per row (B,): argmax, or a draw from softmax(scores) when sampling."""
     if not config.sampling:
+        if not bool(torch.isfinite(scores.amax(-1)).all()):  # NaN (it wins an argmax), +inf, or all -inf
+            scores = settled(scores)
         return torch.argmax(scores, dim=-1)
     probs = F.softmax(scores, dim=-1)
     if not bool(torch.isfinite(probs).all()):
@@ -263,15 +265,18 @@ def sample(
 
 
 def settled(scores: torch.Tensor) -> torch.Tensor:
-    """Scores whose softmax is defined, for rows that overflowed: a tiny temperature or repetition penalty
-    (1e-300) divides finite logits into +inf, and softmax of +inf is NaN. Such a row's +inf tokens are the
-    limit of its distribution (equally likely, the rest impossible), and NaN is no chance; a row left with no
-    possible token is a ValueError."""
+    """Scores whose softmax (and argmax) is defined, for rows that overflowed: a tiny temperature or
+    repetition penalty (1e-300, 0 in float32) divides finite logits into +inf and turns a masked -inf into
+    NaN (-inf * 0). Such a row's +inf tokens are the limit of its distribution (equally likely, the rest
+    impossible), and NaN is no chance; a row left with no possible token is a ValueError."""
     scores = torch.nan_to_num(scores, nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     top = scores == torch.inf
     scores = torch.where(top.any(-1, keepdim=True), torch.where(top, 0.0, -torch.inf), scores)
     if bool((scores == -torch.inf).all(-1).any()):
-        raise ValueError("no token is possible: every score is -inf or NaN after the sampling settings")
+        raise ValueError(
+            "no token is possible: every score is -inf or NaN after the sampling settings (a constraint, "
+            "logit_bias, or an extreme penalty or temperature)"
+        )
     return scores
 
 

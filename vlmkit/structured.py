@@ -197,7 +197,13 @@ class Guide:
         elif isinstance(ready, Future):
             ready = ready.result()
         # one byte per token, 0 where it is not allowed: cheaper to turn into a mask than a bitmask's bits
-        return torch.frombuffer(bytearray(ready), dtype=torch.uint8)[: self.vocab_size].bool()
+        mask = torch.frombuffer(bytearray(ready), dtype=torch.uint8)[: self.vocab_size].bool()
+        if not bool(mask.any()):  # a dead end: the constraint needs text this model's tokens cannot write
+            raise ValueError(
+                f"no token of this model can continue an answer to the {self.constraint.kind} constraint "
+                f"({self.matcher.get_error() or 'it needs characters the tokenizer has no tokens for'})"
+            )
+        return mask
 
     def advance(self, token: int) -> None:
         """Take the chosen token (one the mask allowed never fails); start the next mask if that pays."""
