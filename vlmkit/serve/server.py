@@ -37,6 +37,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from vlmkit.adapters import AdapterError, AdapterSet
@@ -403,11 +404,14 @@ async def off_loop(deadline: float, doing: str, work: Callable[..., Any], *args:
 async def read_body(request: Request, schema: type[BaseModel]) -> Any:
     limit = request.app.state.config.max_body_bytes
     chunks, size = [], 0
-    async for chunk in request.stream():  # counted as it arrives, whatever the framing (chunked or not)
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():  # counted as it arrives, whatever the framing (chunked or not)
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client went away before its body was complete
+        raise APIError(499, "client disconnected before the request body was complete", "cancelled") from None
     raw = b"".join(chunks)
     data = parse_body(raw)
     try:

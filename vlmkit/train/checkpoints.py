@@ -38,10 +38,12 @@ def save_checkpoint(
 ) -> None:
     """Write weights (safetensors, or a peft adapter), optimizer/scheduler/RNG/data position, and the
     processor files into a temporary folder, fsync, then rename it into place: a kill at any moment leaves
-    either the previous checkpoint or this one, never half of one."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    either the previous checkpoint or this one, never half of one. A write that fails (a full disk) raises
+    `CheckpointWriteError` and leaves the checkpoints written before it untouched."""
+    tmp = None
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
         model.save_pretrained(tmp)
         copy_processor_files(processor_dir, tmp)
         trainer = {
@@ -50,28 +52,73 @@ def save_checkpoint(
             **state,
             "rng": rng_state(),
         }
-        torch.save(trainer, tmp / "trainer_state.pt")
+        # through a Python file, so that a failed write's OSError (errno) is kept as the context of the
+        # RuntimeError torch's zip writer raises ("unexpected pos ...")
+        with open(tmp / "trainer_state.pt", "wb") as f:
+            torch.save(trainer, f)
         publish(tmp, folder)
+    except Exception as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(folder, e) from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written, in one line naming it and the cause ("No space left on
+    device"); the checkpoints written before it are untouched. `errno` is the cause's, when it had one."""
+
+    def __init__(self, folder: Path, cause: BaseException) -> None:
+        # safetensors and torch's zip writer raise their own kinds, with the OSError as context or in the text
+        os_error = next((e for e in _chain(cause) if isinstance(e, OSError)), None)
+        reason = os_error.strerror if os_error is not None and os_error.strerror else str(cause)
+        reason = " ".join(reason.split()) or type(cause).__name__
+        super().__init__(
+            f"could not write checkpoint {folder}: {reason} (the checkpoints before it are intact)"
+        )
+        # strerror stays None, so that str() is the line above
+        self.errno = os_error.errno if os_error is not None else None
+        self.folder = folder
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """An exception and those it was raised from or during, outermost first."""
+    out: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and e not in out:
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
 def publish(tmp: Path, folder: Path) -> None:
-    """Put a finished temporary folder in the place of `folder`: fsync its files, replace any old `folder`,
-    rename, and fsync the parent so the rename itself survives a crash."""
+    """Put a finished temporary folder in the place of `folder`: fsync its files, move any old `folder`
+    aside, rename, and fsync the parent so the rename itself survives a crash; the old one is deleted only
+    once the new one is in place (and put back if the rename fails)."""
     for path in tmp.iterdir():
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    old = folder.parent / f".{folder.name}.old"
+    replacing = folder.exists()
+    if replacing:
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if replacing:
+            os.replace(old, folder)
+        raise
     fd = os.open(folder.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:
