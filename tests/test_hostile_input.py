@@ -473,3 +473,25 @@ def test_each_step_of_a_request_is_bounded_by_its_deadline():
         assert len(health) == 1 and health[0] < 1
     finally:
         server.should_exit = True
+
+
+def test_idefics_chat_text_that_looks_like_a_url_stays_text(tmp_path):
+    """Found by the atheris chat-template target: in an IDEFICS chat, rendered text without spaces that
+    parsed as a URL (a message "//cat.png" renders as "User://cat.png...") was taken for a picture to
+    fetch: a FileNotFoundError, a 500 in the server. And an image part given as a file path was taken for
+    text."""
+    vlm = vlmkit.VLM.load("demo-idefics")
+    url_only = [{"role": "user", "content": "http://example.com/cat.png"}]
+    out = vlm.chat_inputs(url_only)
+    assert int((out["input_ids"] == vlm.processor.image_token_id).sum()) == 0
+    assert "http://example.com/cat.png" in vlm.processor.decode(out["input_ids"][0])
+    odd = [{"role": "user", "content": "//cat.png"}]  # rendered "User://cat.png<end_of_utterance>...": a URL
+    assert int((vlm.chat_inputs(odd)["input_ids"] == vlm.processor.image_token_id).sum()) == 0
+    path = tmp_path / "picture.png"
+    Image.new("RGB", (30, 20), "red").save(path)
+    parts = [
+        {"role": "user", "content": [{"type": "image", "path": str(path)}, {"type": "text", "text": "hi"}]}
+    ]
+    out = vlm.chat_inputs(parts)
+    assert int((out["input_ids"] == vlm.processor.image_token_id).sum()) == 1
+    assert float(out["pixel_values"].abs().sum()) > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -33,9 +34,22 @@ IDEFICS_INSTRUCT_TEMPLATE = (
 )
 
 
+class Text(str):
+    """A piece of a sample that is text whatever it looks like: a chat's rendered text, where a message
+    that holds only a URL or a file name is still words, not a picture to fetch."""
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A piece of a sample that is a picture whatever it is: a chat's image part given as a path, a URL or
+    a data: URI."""
+
+    source: Any
+
+
 def interleave_images(prompt: str, images: Sequence[Any]) -> list[Any]:
-    """A prompt with one <image> marker per image -> the processor's sample: text pieces and images in
-    order (empty pieces left out)."""
+    """A prompt with one <image> marker per image -> the processor's sample: text pieces (`Text`) and
+    images (`Picture`) in order (empty pieces left out), so neither is taken for the other."""
     pieces = prompt.split(IMAGE_TOKEN)
     if len(pieces) - 1 != len(images):
         raise ValueError(
@@ -44,9 +58,9 @@ def interleave_images(prompt: str, images: Sequence[Any]) -> list[Any]:
     sample: list[Any] = []
     for i, piece in enumerate(pieces):
         if piece:
-            sample.append(piece)
+            sample.append(Text(piece))
         if i < len(images):
-            sample.append(images[i])
+            sample.append(Picture(images[i]))
     return sample
 
 
@@ -93,19 +107,21 @@ class IdeficsProcessor:
         self, sample: Sequence[Any], *, add_end_of_utterance_token: bool, add_eos_token: bool
     ) -> tuple[str, list[Any]]:
         """One sample (strings and images, interleaved) -> the prompt string and its images in order.
-        A string that is a URL is an image, as in the reference."""
+        A string that is a URL is an image, as in the reference; `Text` and `Picture` pieces are what they say."""
         text = self.tokenizer.bos_token
         images: list[Any] = []
         last_was_image = False
         for i, item in enumerate(sample):
             last_was_text = i > 0 and not last_was_image
-            if isinstance(item, str) and not is_url(item.strip(" ")):
+            if isinstance(item, Text) or (isinstance(item, str) and not is_url(item.strip(" "))):
                 if add_end_of_utterance_token and last_was_text:
                     text += END_OF_UTTERANCE
                 text += item.strip(" ")
                 last_was_image = False
             else:
                 text += IMAGE_TOKEN + FAKE_TOKEN if last_was_image else FAKE_TOKEN + IMAGE_TOKEN + FAKE_TOKEN
+                if isinstance(item, Picture):
+                    item = item.source
                 images.append(item.strip(" ") if isinstance(item, str) else item)
                 last_was_image = True
         if add_eos_token:
