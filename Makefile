@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 
-.PHONY: test demo demo-models demo-model-vipllava demo-model-idefics lint setup clean
+.PHONY: test demo demo-models demo-model-vipllava demo-model-idefics lint setup clean soak
 
 # The venv is built once; the stamp is refreshed whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -38,6 +38,11 @@ demo-model-vipllava: $(BIN)/.installed
 demo-model-idefics: $(BIN)/.installed
 	rm -rf build/demo-idefics
 	$(DEMO_BUILD) build/demo-idefics --family idefics
+
+# The server under 16 clients of mixed good, bad, streaming and abandoned traffic (CI: 2 minutes).
+SOAK_SECONDS ?= 120
+soak: $(BIN)/.installed
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/soak.py --duration $(SOAK_SECONDS)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check vlmkit tests examples benchmarks fuzz

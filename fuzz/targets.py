@@ -5,10 +5,11 @@ the incremental decoder.
     python fuzz/targets.py picture [CORPUS_DIR ...] -max_total_time=60 -timeout=10
     python fuzz/targets.py draw -runs=1000000
 
-A target returns normally for input it accepts or refuses the documented way: a ValueError (or a
-TypeError for a wrong Python type) that vlmkit raises itself, naming the problem (`refused`). Anything else
-(the same errors raised from deep inside a library or an operation, other exceptions (another exception, a wrong result, a hang past -timeout,
-memory past -rss_limit_mb) is a finding: libFuzzer writes the input to crash-*/timeout-* and exits non-zero.
+A target returns normally for input it accepts or refuses the documented way: a ValueError (a TypeError
+for a wrong Python type, a FileNotFoundError or IsADirectoryError for a path that is no picture) that
+vlmkit raises itself, naming the problem (`refused`). Anything else is a finding: the same errors raised
+from deep inside a library or an operation, other exceptions, a wrong result, a hang past -timeout, memory
+past -rss_limit_mb. libFuzzer writes the input to crash-*/timeout-* and exits non-zero.
 Long campaigns and their figures: fuzz/README.md.
 """
 
@@ -55,7 +56,7 @@ def fuzz_picture(data: bytes) -> None:
     """Any bytes: a picture within the pixel limit, or a ValueError that names the source."""
     try:
         image = load_image(data, max_pixels=MAX_PIXELS)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:
         if not refused(e):
             raise
         return
@@ -105,7 +106,7 @@ def fuzz_draw(data: bytes) -> None:
             prompts.append(spec)
     try:
         out = draw_visual_prompts(picture, prompts, seed=0)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:
         if not refused(e):
             raise
         return
@@ -148,7 +149,7 @@ def fuzz_chat_template(data: bytes, templates: ChatTemplates) -> None:
     messages = _conversation(fdp)
     try:
         out = processor.apply_chat_template(messages, add_generation_prompt=fdp.ConsumeBool(), tokenize=True)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OSError) as e:
         if not refused(e):
             raise
         return
