@@ -297,7 +297,11 @@ class IncrementalDecoder:
     """Text deltas from token ids arriving one at a time. A delta is released only when it does not end in
     an incomplete UTF-8 sequence (U+FFFD), and it keeps the spaces a whole-sequence decode would have: each
     step decodes from a few tokens back, so tokenizers that drop a leading space stay consistent.
-    The concatenated deltas plus `flush()` equal `tokenizer.decode(all_ids)`."""
+    The concatenated deltas plus `flush()` equal `tokenizer.decode(all_ids)`, with one exception: a run of
+    byte-fallback tokens (`<0x7A>`) that is not valid UTF-8 as a whole, which the tokenizer's decoder turns
+    into one U+FFFD per byte, also the bytes of characters already released (`[<0x7A>, <0xC7>]` decodes to
+    "\ufffd\ufffd"; the deltas say "z\ufffd"). Holding every byte run back until it ends would stall streams
+    of text written in byte tokens (CJK in LLaMA's vocabulary), so released text is kept."""
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
