@@ -196,6 +196,20 @@ def test_prefix_cache_evicts_deep_blocks_first():
     assert [float(t[0, 0]) for t in cache.match(chain)] == [0.0]
     assert len(cache.match(other)) == 2
     assert PrefixCache(capacity=0, block=2).match(chain) == []
+    # a planned prompt pins the blocks it will copy: they outlive any number of newer blocks, and the pins
+    # return to zero; with every slot pinned, new blocks are simply not kept
+    cache.pin(chain[:1])
+    for k in range(5):
+        cache.put(cache.hashes([k, k, k, k], {5: b"x"}), lambda b: torch.full((1, 2), 7.0))
+    assert [float(t[0, 0]) for t in cache.match(chain)] == [0.0] and cache.pins
+    full = PrefixCache(capacity=1, block=2)
+    full.put(chain[:1], lambda b: torch.zeros(1, 2))
+    full.pin(chain[:1])
+    full.put(other[:1], lambda b: torch.ones(1, 2))
+    assert full.match(other) == [] and len(full.match(chain)) == 1
+    cache.unpin(chain[:1])
+    full.unpin(chain[:1])
+    assert not cache.pins and not full.pins
     with pytest.raises(ValueError, match="at least 1 token"):
         PrefixCache(capacity=1, block=0)
 

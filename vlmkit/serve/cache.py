@@ -84,14 +84,29 @@ class PrefixCache:
     keyed by a hash chained over everything up to the block's end: the token ids and, where a block holds
     tokens that depend on a picture, the picture (`marks`). A block is reusable exactly when its hash
     matches, because its keys/values depend on nothing else. LRU within `capacity` blocks; a hit refreshes
-    its chain from the end back to the start, so chains are evicted from their deep end first."""
+    its chain from the end back to the start, so chains are evicted from their deep end first.
+
+    The blocks live in one pool of `capacity` slots, made at the first `put` with `torch.empty` (its pages
+    are touched only as slots are written), so a full cache reuses its slots in place: the process's memory
+    stops growing at the cap instead of creeping as freed blocks fragment the heap (the 30-minute soak saw
+    +18% beside a full cache of separately allocated blocks). A planned prompt pins the blocks it will copy
+    (`pin`/`unpin`, counted per slot): pinned slots are never evicted, and the counts return to zero once
+    every prompt has run or been forgotten."""
 
     def __init__(self, capacity: int, block: int) -> None:
         if block < 1:
             raise ValueError(f"the prefix-cache block must be at least 1 token, got {block}")
         self.capacity, self.block = capacity, block
-        self.items: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.items: OrderedDict[bytes, int] = OrderedDict()  # hash -> slot, least recently used first
+        self.pins: dict[int, int] = {}  # slot -> prompts planned to copy it (absent: none)
+        self.pool: torch.Tensor | None = None  # (capacity, *block shape), made at the first put
+        self.unused: list[int] = []  # slots never written or freed
         self.hit_tokens = 0  # prompt tokens not run because their blocks were cached
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the blocks held (the pool's written slots)."""
+        return 0 if self.pool is None else len(self.items) * self.pool[0].nbytes
 
     def hashes(self, ids: list[int], marks: dict[int, bytes], salt: bytes = b"") -> list[bytes]:
         """One hash per whole block of `ids`; marks[b]: what else block b's keys/values depend on; salt: what
@@ -112,41 +127,71 @@ class PrefixCache:
         marks[b] = marks.get(b, b"") + t.to_bytes(4, "little") + key.encode()
 
     def match(self, hashes: list[bytes]) -> list[torch.Tensor]:
-        """The cached blocks of the longest cached start of `hashes`."""
+        """The cached blocks (views of their slots) of the longest cached start of `hashes`. A view stays
+        valid only while its block is pinned or until the next `put`."""
         found = []
         for h in hashes:
-            block = self.items.get(h)
-            if block is None:
+            slot = self.items.get(h)
+            if slot is None:
                 break
-            found.append(block)
+            found.append(self.pool[slot])
         for h in reversed(hashes[: len(found)]):
             self.items.move_to_end(h)
         return found
 
+    def pin(self, hashes: list[bytes]) -> None:
+        """Keep the blocks of `hashes` (all cached) from eviction until `unpin`."""
+        for h in hashes:
+            slot = self.items[h]
+            self.pins[slot] = self.pins.get(slot, 0) + 1
+
+    def unpin(self, hashes: list[bytes]) -> None:
+        for h in hashes:
+            slot = self.items[h]
+            if self.pins[slot] == 1:
+                del self.pins[slot]
+            else:
+                self.pins[slot] -= 1
+
     def put(self, hashes: list[bytes], blocks: Callable[[int], torch.Tensor]) -> None:
-        """Keep the blocks of `hashes` not kept yet; blocks(b) gives block b's keys/values."""
+        """Keep the blocks of `hashes` not kept yet; blocks(b) gives block b's keys/values. When every slot
+        is taken and pinned, the rest is not kept."""
         if self.capacity <= 0:
             return
         for b in reversed(range(len(hashes))):
             h = hashes[b]
             if h in self.items:
                 self.items.move_to_end(h)
-            else:
-                self.items[h] = blocks(b).clone()
-        while len(self.items) > self.capacity:
-            self.items.popitem(last=False)
+                continue
+            block = blocks(b)
+            if self.pool is None:
+                self.pool = torch.empty((self.capacity, *block.shape), dtype=block.dtype, device=block.device)
+                self.unused = list(range(self.capacity - 1, -1, -1))
+            slot = self.unused.pop() if self.unused else self._evict()
+            if slot is None:
+                return
+            self.pool[slot].copy_(block)
+            self.items[h] = slot
+
+    def _evict(self) -> int | None:
+        """The slot of the least recently used block that is not pinned, freed; None if all are pinned."""
+        for h, slot in self.items.items():
+            if slot not in self.pins:
+                del self.items[h]
+                return slot
+        return None
 
 
 @dataclass
 class Prompt:
     """A joining request's prompt as planned: the runner's plan, which pictures the part after the cached
-    blocks still needs, its block hashes (and marks) and the cached blocks it starts with."""
+    blocks still needs, its block hashes (and marks) and the cached blocks it starts with (pinned)."""
 
     plan: PromptPlan
     needed: list[bool]
     marks: dict[int, bytes]
     hashes: list[bytes]
-    reused: list[torch.Tensor]
+    pinned: list[bytes]  # the hashes of the cached blocks it starts with, pinned until it runs
     salt: bytes = b""  # what every block also depends on (an adapter's digest)
 
     @property
@@ -200,7 +245,9 @@ class CacheManager:
         reused = self.prefix.match(hashes)[: (len(tokens) - 1) // self.prefix.block]
         start = len(reused) * self.prefix.block
         needed = [any(t >= start for t in item.positions) for item in plan.items]
-        return Prompt(plan, needed, marks, hashes, reused, salt)
+        pinned = hashes[: len(reused)]
+        self.prefix.pin(pinned)  # until the prompt runs (load_prefix) or is forgotten (release)
+        return Prompt(plan, needed, marks, hashes, pinned, salt)
 
     def row_hashes(self, prompt: Prompt, sequence: list[int]) -> list[bytes]:
         """Block hashes of a row's cache: its prompt, then the answer tokens run so far (which depend on the
@@ -244,17 +291,20 @@ class CacheManager:
     # -- rows and blocks ------------------------------------------------------------------------
 
     def load_prefix(self, row: int, prompt: Prompt) -> int:
-        """Copy the prompt's cached blocks (re-matched: more may be kept since the plan) into `row`;
-        return how many tokens they cover."""
+        """Copy the prompt's cached blocks (re-matched: more may be kept since the plan; the planned ones are
+        pinned, so never fewer) into `row`, then unpin them; return how many tokens they cover."""
         block = self.prefix.block
         again = self.prefix.match(prompt.hashes)[: (prompt.ids.shape[1] - 1) // block]
-        if len(again) > len(prompt.reused):
-            prompt.reused = again
-        start = len(prompt.reused) * block
+        start = len(again) * block
         if start:
-            self.kv[:, :, row, :, :start] = torch.cat(prompt.reused, dim=3)
-        prompt.reused = []  # the row holds them now; let the cache alone decide their lifetime
+            self.kv[:, :, row, :, :start] = torch.cat(again, dim=3)
+        self.release(prompt)  # the row holds them now; the cache alone decides their lifetime
         return start
+
+    def release(self, prompt: Prompt) -> None:
+        """Unpin the blocks a prompt planned to copy (once: it ran, or it is forgotten before it could)."""
+        self.prefix.unpin(prompt.pinned)
+        prompt.pinned = []
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         self.kv[:, :, dst, :, :length] = self.kv[:, :, src, :, :length]

@@ -153,7 +153,9 @@ class Executor:
             self.row_adapters[new] = self.row_adapters[old]
 
     def forget(self, key: int) -> None:
-        self.prompts.pop(key, None)
+        prompt = self.prompts.pop(key, None)
+        if prompt is not None:
+            self.cache.release(prompt)  # a prompt that never ran (cancelled, failed) unpins its blocks
         self.prompt_adapters.pop(key, None)
 
     # -- the other processes ----------------------------------------------------------------------

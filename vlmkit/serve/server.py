@@ -106,7 +106,7 @@ class Metrics:
             "vlmkit_prefix_cache_bytes", "bytes of the keys/values held in the prefix cache", registry=r
         )
         # list() copies the values in one step, while the engine's thread may add or evict blocks
-        self.prefix_bytes.set_function(lambda: sum(t.nbytes for t in list(engine.prefix.items.values())))
+        self.prefix_bytes.set_function(lambda: engine.prefix.bytes)
 
     def finished(self, job: EngineRequest) -> None:
         """Count a request once, when its handler is done with it (finished, failed or abandoned)."""
