@@ -13,6 +13,8 @@ $(BIN)/.installed: pyproject.toml
 	# torch first: a bare `torch` requirement would pull a multi-GB CUDA build
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# lmms-eval (the vlmkit model entry's test) without its requirements, which would replace torch
+	$(BIN)/python -m pip install --quiet --no-deps "lmms-eval==0.6.1"
 	touch $@
 
 setup: $(BIN)/.installed

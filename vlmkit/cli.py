@@ -590,6 +590,93 @@ def serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def eval_parser(sub: argparse._SubParsersAction) -> None:
+    from vlmkit.eval.fewshot import SELECTIONS
+    from vlmkit.eval.tasks import TASKS
+
+    p = sub.add_parser(
+        "eval",
+        help="score a model on a benchmark from its published files (VQAv2, POPE, MMBench, ViP-Bench, ...)",
+        description="Answer a benchmark's questions in batches through the continuous-batching engine (greedy: "
+        "a rerun gives the same numbers), score them with the benchmark's metric, and write the scores with "
+        "every answer to --output, which a rerun resumes. Tasks: "
+        + "; ".join(f"{t.name}: {t.metric}" for t in TASKS.values()),
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    p.add_argument("--task", required=True, choices=list(TASKS))
+    p.add_argument("--data", required=True, help="the benchmark's main file, or the folder holding it")
+    p.add_argument("--images", help="the pictures' folder, when not where the published layout puts them")
+    p.add_argument("--output", help="results JSON: scores and every answer; a partial one is resumed")
+    p.add_argument("--limit", type=int, help="the first N questions only")
+    p.add_argument("--batch-size", type=int, default=16, help="requests decoded together")
+    p.add_argument("--max-new-tokens", type=int, help="answer budget (default: the task's)")
+    p.add_argument("--prompt", help="user text template with {question} and {options} (default: the task's)")
+    p.add_argument("--shots", type=int, default=0, help="in-context examples per question (VQA, captioning)")
+    p.add_argument(
+        "--shot-selection", choices=SELECTIONS, default="random", help="rices: most similar pictures"
+    )
+    p.add_argument("--support", help="where the examples come from (default: the evaluated data)")
+    p.add_argument("--seed", type=int, default=0, help="for random examples")
+    p.add_argument("--split", help="the split to read (Visual7W, ScienceQA, captions; default test)")
+    p.add_argument(
+        "--no-circular", dest="circular", action="store_false", default=None, help="MMBench: one pass"
+    )
+    p.add_argument("--judge-url", help="ViP-Bench: an OpenAI-compatible endpoint, e.g. http://host:8000/v1")
+    p.add_argument("--judge-model", help="ViP-Bench: the judge model's name")
+    p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + answer tokens per request")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    quantize_arguments(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from vlmkit.eval.run import evaluate
+
+        result = evaluate(
+            args.task,
+            args.data,
+            args.model,
+            images=args.images,
+            output=args.output,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            prompt=args.prompt,
+            shots=args.shots,
+            shot_selection=args.shot_selection,
+            support=args.support,
+            seed=args.seed,
+            split=args.split,
+            circular=args.circular,
+            judge_url=args.judge_url,
+            judge_model=args.judge_model,
+            dtype=args.dtype,
+            device=args.device,
+            max_seq_len=args.max_seq_len,
+            progress=args.progress,
+            **quantization(args),
+        )
+        if args.json:
+            print(json.dumps(result.scores))
+            return 0
+        speed = (
+            f", {result.samples_per_second:.1f} q/s" if result.answered else " (all from the results file)"
+        )
+        saved = f" -> {result.path}" if result.path is not None else ""
+        print(f"{result.task} ({result.model}): {len(result.samples)} questions{speed}{saved}")
+        for name, value in result.scores.items():
+            if isinstance(value, dict):
+                print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in value.items()))
+            else:
+                print(f"  {name}: {value:.2f}" if isinstance(value, float) else f"  {name}: {value}")
+        for extra in result.extra_files:
+            print(f"  answers for the benchmark's evaluator: {extra}")
+        return 0
+
+    p.set_defaults(run=run)
+
+
 def lora_arguments(pairs: Sequence[str]) -> dict[str, str]:
     """--lora NAME=PATH values as {name: path}; ValueError for a malformed or repeated one."""
     out: dict[str, str] = {}
@@ -619,6 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         merge_lora_parser,
         bench_parser,
         serve_parser,
+        eval_parser,
     ):
         add(sub)
     args = parser.parse_args(argv)
