@@ -2,6 +2,7 @@
 files, a generated training set, `finetune` from random init, and held-out accuracy per question type.
 
     python -m vlmkit.demo.build OUT --family vipllava --rows 20000 --steps 3000
+    python -m vlmkit.demo.build OUT --family vipllava --world freeform   # shapes anywhere (vlmkit.demo.freeform)
 """
 
 from __future__ import annotations
@@ -11,13 +12,21 @@ import json
 import random
 import shutil
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
-from vlmkit.demo.model_files import IMAGE_SIZE, build_tokenizer, write_configs
+from vlmkit.demo import freeform, heldout
+from vlmkit.demo.model_files import (
+    FREEFORM_IMAGE_SIZE,
+    FREEFORM_PATCH,
+    IMAGE_SIZE,
+    build_tokenizer,
+    write_configs,
+)
 from vlmkit.demo.shapes import (
     ARROW_COLORS,
     COLORS,
@@ -41,6 +50,9 @@ POLISH_MIX = {
 }
 # pictures are drawn at these sizes and resized to IMAGE_SIZE by the processor, as users' pictures are
 RENDER_SIZES = (96, 144, 192, 288)
+# "grid": the 3 x 3 shapes world (vlmkit.demo.shapes); "freeform": shapes anywhere (vlmkit.demo.freeform),
+# read at FREEFORM_IMAGE_SIZE in FREEFORM_PATCH patches and scored on the separately drawn vlmkit.demo.heldout
+WORLDS = ("grid", "freeform")
 PATCH_LABELS = {
     "shape": len(SHAPES) + 1,
     "color": len(COLORS) + 1,
@@ -115,31 +127,33 @@ def pretrain_tower(
     lr: float = 1e-3,
     seed: int = 0,
     sizes: tuple[int, ...] = RENDER_SIZES,
+    scenes: Callable[[random.Random], tuple[Image.Image, dict[str, torch.Tensor]]] | None = None,
+    labels: dict[str, int] = PATCH_LABELS,
 ) -> dict[str, float]:
     """Stage 1, as real VLMs start from a pretrained CLIP (and LLaVA from an aligned projector): teach the
     vision tower (and ViP-LLaVA's projector) the shapes world by predicting, for each patch, what its cell
     holds (PATCH_LABELS) through throw-away linear heads. Returns the last batch's per-patch accuracy for
-    each label."""
+    each label. scenes(rng) -> (picture, per-patch labels with the classes in `labels`): another world's
+    labelled scenes (default: the grid world's, drawn at one of `sizes`)."""
     rng = random.Random(seed + 1)
     torch.manual_seed(seed)
+    scenes = scenes or (lambda rng: labelled_scene(rng, rng.choice(sizes)))
     tower = model.vision_tower if hasattr(model, "vision_tower") else model.model.vision_model
-    dim = tower_features(model, torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).shape[-1]
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, n) for k, n in PATCH_LABELS.items()})
+    image_processor = processor.image_processor
+    dim = tower_features(model, image_processor.preprocess([Image.new("RGB", (8, 8))])).shape[-1]
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, n) for k, n in labels.items()})
     projector = getattr(model, "multi_modal_projector", torch.nn.Identity())
     optimizer = torch.optim.AdamW(
         [*tower.parameters(), *projector.parameters(), *heads.parameters()], lr=lr, weight_decay=0.01
     )
-    image_processor = processor.image_processor
     accuracy: dict[str, float] = {}
     for _ in range(steps):
-        images, labels = zip(
-            *(labelled_scene(rng, rng.choice(sizes)) for _ in range(batch_size)), strict=True
-        )
-        features = tower_features(model, image_processor.preprocess(list(images)))  # (B, 9, C)
+        images, truth = zip(*(scenes(rng) for _ in range(batch_size)), strict=True)
+        features = tower_features(model, image_processor.preprocess(list(images)))  # (B, patches, C)
         loss = 0.0
         for name, head in heads.items():
             logits = head(features)
-            target = torch.stack([lab[name] for lab in labels])
+            target = torch.stack([lab[name] for lab in truth])
             loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
             accuracy[name] = float((logits.argmax(-1) == target).float().mean())
         loss.backward()
@@ -149,23 +163,73 @@ def pretrain_tower(
 
 
 def accuracy(
-    model_dir: Path | str, family: str, n: int = 200, seed: int = 12345, **load: Any
+    model_dir: Path | str, family: str, n: int = 200, seed: int = 12345, *, world: str = "grid", **load: Any
 ) -> dict[str, float]:
     """Greedy answers to n freshly generated questions per type, exact match; `load` goes to VLM.load
-    (quantize=...)."""
+    (quantize=...). world="freeform": the held-out set drawn by `vlmkit.demo.heldout`, not by the training
+    generator."""
     from vlmkit.vlm import VLM, user_turn
 
     vlm = VLM.load(model_dir, **load)
-    rng = random.Random(seed)
+    if world == "freeform":
+        questions: Any = heldout.examples(family, n, seed)
+    else:
+        rng = random.Random(seed)
+        questions = (make_example(rng, kind, IMAGE_SIZE) for kind in QUESTION_TYPES[family] for _ in range(n))
     right: Counter = Counter()
     seen: defaultdict = defaultdict(int)
-    for kind in QUESTION_TYPES[family]:
-        for _ in range(n):
-            ex = make_example(rng, kind, IMAGE_SIZE)
-            answer = vlm.chat([user_turn(ex.question, ex.images)], max_new_tokens=24)
-            right[kind] += answer.strip() == ex.answer
-            seen[kind] += 1
+    for ex in questions:
+        answer = vlm.chat([user_turn(ex.question, ex.images)], max_new_tokens=24)
+        right[ex.kind] += answer.strip() == ex.answer
+        seen[ex.kind] += 1
     return {k: right[k] / seen[k] for k in seen}
+
+
+def dataset(
+    world: str,
+    folder: Path,
+    rows: int,
+    *,
+    family: str,
+    seed: int,
+    sizes: tuple[int, ...] = RENDER_SIZES,
+    kinds: tuple[str, ...] | None = None,
+) -> Path:
+    """A training set of the world (sizes: the grid world's picture sizes; the free-form world picks its
+    own)."""
+    if world == "freeform":
+        return freeform.write_dataset(folder, rows, family=family, seed=seed, kinds=kinds)
+    return write_dataset(folder, rows, family=family, seed=seed, sizes=sizes, kinds=kinds)
+
+
+def start_model(
+    base: Path, family: str, world: str, *, tower_steps: int, seed: int, sizes: tuple[int, ...]
+) -> None:
+    """The untrained model of the world in base/: tokenizer, configs, processor files, and (stage 1) weights
+    with a vision tower that has learned what each patch holds."""
+    from vlmkit.models import init_model, load_processor
+    from vlmkit.weights import read_config_file
+
+    base.mkdir(parents=True, exist_ok=True)
+    stage1: dict[str, Any] = {}
+    if world == "freeform":
+        size, patch = FREEFORM_IMAGE_SIZE, FREEFORM_PATCH
+        ids = build_tokenizer(base, family, freeform.corpus())
+        write_configs(base, family, ids, image_size=size, patch=patch, pad=True)
+        fit = "pad" if family == "vipllava" else "squash"  # how each family's processor makes pictures square
+        stage1 = {
+            "scenes": lambda rng: freeform.labelled_scene(rng, size, patch, fit),
+            "labels": freeform.patch_labels(size // patch),
+        }
+    else:
+        write_configs(base, family, build_tokenizer(base, family))
+    if not (base / "model.safetensors").is_file():
+        model = init_model(read_config_file(base / "config.json"), seed=seed)
+        tower_accuracy = pretrain_tower(
+            model, load_processor(base), steps=tower_steps, seed=seed, sizes=sizes, **stage1
+        )
+        print(f"stage 1: vision tower per-patch accuracy {json.dumps(tower_accuracy)}", flush=True)
+        model.save_pretrained(base)
 
 
 def build(
@@ -183,6 +247,7 @@ def build(
     install_as_builtin: bool = False,
     render_sizes: tuple[int, ...] = RENDER_SIZES,
     polish_steps: int = 2000,
+    world: str = "grid",
 ) -> dict[str, float]:
     """Train a demo model into out/run/final, polished into out/run-polish/final (and install it as the built-in one); returns the held-out
     accuracy per question type (eval_rows each) of what was installed, else of out/run/final.
@@ -191,33 +256,31 @@ def build(
     randomly initialised vision tower what each patch holds; (2) `finetune` trains the rest from that
     checkpoint on the questions, the tower at a tenth of the text model's rate. (Trained from random init at
     the text model's rate, the tower collapses to image-independent features before the text model learns
-    to read them; frozen after stage 1, its shape features are too faint for the text model to pick up.)"""
-    from vlmkit.models import init_model, load_processor
-    from vlmkit.weights import read_config_file
-
+    to read them; frozen after stage 1, its shape features are too faint for the text model to pick up.)
+    world: "grid" or "freeform" (WORLDS)."""
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {WORLDS}, got {world!r}")
     out = Path(out)
     base = out / "base"
-    base.mkdir(parents=True, exist_ok=True)
-    write_configs(base, family, build_tokenizer(base, family))
-    if not (base / "model.safetensors").is_file():
-        model = init_model(read_config_file(base / "config.json"), seed=seed)
-        tower_accuracy = pretrain_tower(
-            model, load_processor(base), steps=tower_steps, seed=seed, sizes=render_sizes
-        )
-        print(f"stage 1: vision tower per-patch accuracy {json.dumps(tower_accuracy)}", flush=True)
-        model.save_pretrained(base)
-    data = write_dataset(out / "data", rows, family=family, seed=seed, sizes=render_sizes)
+    start_model(base, family, world, tower_steps=tower_steps, seed=seed, sizes=render_sizes)
+    data = dataset(world, out / "data", rows, family=family, seed=seed, sizes=render_sizes)
     torch.manual_seed(seed)
     train_stage(
         data, base, out / "run", steps=steps, batch_size=batch_size, lr=lr, vision_lr=vision_lr, seed=seed
     )
     final = polish(
-        out, family, steps=polish_steps, seed=seed, render_sizes=render_sizes, batch_size=batch_size
+        out,
+        family,
+        steps=polish_steps,
+        seed=seed,
+        render_sizes=render_sizes,
+        batch_size=batch_size,
+        world=world,
     )
     if install_as_builtin:
         final = install(final, family)
         print(f"installed in {final}", flush=True)
-    return accuracy(final, family, n=eval_rows)
+    return accuracy(final, family, n=eval_rows, world=world)
 
 
 def polish(
@@ -229,14 +292,21 @@ def polish(
     rows: int = 12000,
     render_sizes: tuple[int, ...] = RENDER_SIZES,
     batch_size: int = 16,
+    world: str = "grid",
 ) -> Path:
     """Stage 3: `steps` more at a third of the rate from out/run/final on fresh questions weighted toward
     the types a small model learns last (POLISH_MIX); returns the final folder (out/run/final when steps
     is 0)."""
     if steps <= 0:
         return out / "run" / "final"
-    data = write_dataset(
-        out / "data-polish", rows, family=family, seed=seed + 1, sizes=render_sizes, kinds=POLISH_MIX[family]
+    data = dataset(
+        world,
+        out / "data-polish",
+        rows,
+        family=family,
+        seed=seed + 1,
+        sizes=render_sizes,
+        kinds=POLISH_MIX[family],
     )
     train_stage(
         data,
@@ -323,6 +393,12 @@ def main() -> None:
     ap.add_argument(
         "--install", action="store_true", help="copy the result into the package's built-in models"
     )
+    ap.add_argument(
+        "--world",
+        choices=WORLDS,
+        default="grid",
+        help="grid: shapes in 3 x 3 cells; freeform: shapes anywhere, scored on the separately drawn held-out set",
+    )
     args = ap.parse_args()
     scores = build(
         args.out,
@@ -337,6 +413,7 @@ def main() -> None:
         install_as_builtin=args.install,
         render_sizes=args.render_sizes,
         polish_steps=args.polish_steps,
+        world=args.world,
     )
     print(json.dumps({"family": args.family, "held_out_accuracy": scores}))
 

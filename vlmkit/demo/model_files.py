@@ -11,6 +11,9 @@ from vlmkit.demo.shapes import COLORS, NUMBERS, PROMPT_COLORS, SHAPES, make_exam
 from vlmkit.image_processor import ImageProcessor
 
 IMAGE_SIZE, PATCH = 96, 32  # one patch per cell of the shapes world's 3 x 3 grid
+# the free-form world (vlmkit.demo.freeform): 10 x 10 patches, so that its smallest shape (8% of a picture's
+# longer side) is 12.8 px, most of a patch
+FREEFORM_IMAGE_SIZE, FREEFORM_PATCH = 160, 16
 VIP_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}###Human: "
     "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
@@ -39,7 +42,9 @@ def corpus() -> list[str]:
     return lines + [" ".join(words)] * 20 + ["###Human: ###Assistant: User: Assistant:"] * 20
 
 
-def build_tokenizer(folder: Path, family: str) -> dict[str, int]:
+def build_tokenizer(folder: Path, family: str, lines: list[str] | None = None) -> dict[str, int]:
+    """tokenizer.json and tokenizer_config.json trained on `lines` (default: the grid world's `corpus()`);
+    returns the special tokens' ids and the vocabulary size."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -51,7 +56,7 @@ def build_tokenizer(folder: Path, family: str) -> dict[str, int]:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tk.train_from_iterator(corpus(), trainer)
+    tk.train_from_iterator(corpus() if lines is None else lines, trainer)
     specials = (
         ["<image>"]
         if family == "vipllava"
@@ -80,12 +85,22 @@ def build_tokenizer(folder: Path, family: str) -> dict[str, int]:
     }
 
 
-def write_configs(folder: Path, family: str, ids: dict[str, int]) -> None:
-    """config.json, processor_config.json and chat_template.jinja of a small model of the family."""
+def write_configs(
+    folder: Path,
+    family: str,
+    ids: dict[str, int],
+    *,
+    image_size: int = IMAGE_SIZE,
+    patch: int = PATCH,
+    pad: bool = False,
+) -> None:
+    """config.json, processor_config.json and chat_template.jinja of a small model of the family, reading
+    image_size x image_size pictures in patch x patch patches. pad: ViP-LLaVA pads a picture to a square
+    (LLaVA-1.5's LlavaImageProcessor) instead of cropping its centre; IDEFICS always squeezes it."""
     if family == "vipllava":
-        config, processor, image, template = vipllava_files(ids)
+        config, processor, image, template = vipllava_files(ids, image_size, patch, pad)
     else:
-        config, processor, image, template = idefics_files(ids)
+        config, processor, image, template = idefics_files(ids, image_size, patch)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "processor_config.json").write_text(
         json.dumps({**processor, "image_processor": image.to_dict()}, indent=2)
@@ -93,14 +108,16 @@ def write_configs(folder: Path, family: str, ids: dict[str, int]) -> None:
     (folder / "chat_template.jinja").write_text(template)
 
 
-def vipllava_files(ids: dict[str, int]) -> tuple[dict, dict, ImageProcessor, str]:
+def vipllava_files(
+    ids: dict[str, int], image_size: int = IMAGE_SIZE, patch: int = PATCH, pad: bool = False
+) -> tuple[dict, dict, ImageProcessor, str]:
     vision = dict(
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=4,
         num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
+        image_size=image_size,
+        patch_size=patch,
         hidden_act="gelu",
     )
     text = dict(
@@ -123,26 +140,29 @@ def vipllava_files(ids: dict[str, int]) -> tuple[dict, dict, ImageProcessor, str
         "image_token_index": ids["<image>"],
         "vision_feature_layers": [-2, -1],
         "pad_token_id": ids["<pad>"],
-        "image_seq_length": (IMAGE_SIZE // PATCH) ** 2,
+        "image_seq_length": (image_size // patch) ** 2,
     }
     processor = {
         "processor_class": "LlavaProcessor",
-        "patch_size": PATCH,
+        "patch_size": patch,
         "image_token": "<image>",
         "vision_feature_select_strategy": "default",
         "num_additional_image_tokens": 1,
     }
     image = ImageProcessor.from_dict(
         {
-            "image_processor_type": "CLIPImageProcessor",
-            "size": {"shortest_edge": IMAGE_SIZE},
-            "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            "image_processor_type": "LlavaImageProcessor" if pad else "CLIPImageProcessor",
+            "size": {"shortest_edge": image_size},
+            "crop_size": {"height": image_size, "width": image_size},
+            **({"do_pad": True} if pad else {}),
         }
     )
     return config, processor, image, VIP_TEMPLATE
 
 
-def idefics_files(ids: dict[str, int]) -> tuple[dict, dict, ImageProcessor, str]:
+def idefics_files(
+    ids: dict[str, int], image_size: int = IMAGE_SIZE, patch: int = PATCH
+) -> tuple[dict, dict, ImageProcessor, str]:
     base = ids["<fake_token_around_image>"]  # the extra rows hold the IDEFICS-only tokens
     config = {
         "model_type": "idefics",
@@ -154,7 +174,7 @@ def idefics_files(ids: dict[str, int]) -> tuple[dict, dict, ImageProcessor, str]
         "num_attention_heads": 4,
         "rms_norm_eps": 1e-5,
         "cross_layer_interval": 1,
-        "use_resampler": False,  # cross-attention reads the 9 patch features directly
+        "use_resampler": False,  # cross-attention reads the patch features directly
         "qk_layer_norms": True,
         "alpha_initializer": "normal",
         "alphas_initializer_range": 0.5,
@@ -166,8 +186,8 @@ def idefics_files(ids: dict[str, int]) -> tuple[dict, dict, ImageProcessor, str]
         "max_position_embeddings": 512,
         "vision_config": {
             "embed_dim": 128,
-            "image_size": IMAGE_SIZE,
-            "patch_size": PATCH,
+            "image_size": image_size,
+            "patch_size": patch,
             "intermediate_size": 256,
             "num_hidden_layers": 4,
             "num_attention_heads": 4,
@@ -181,6 +201,6 @@ def idefics_files(ids: dict[str, int]) -> tuple[dict, dict, ImageProcessor, str]
     }
     processor = {"processor_class": "IdeficsProcessor"}
     image = ImageProcessor.from_dict(
-        {"image_processor_type": "IdeficsImageProcessor", "image_size": IMAGE_SIZE}
+        {"image_processor_type": "IdeficsImageProcessor", "image_size": image_size}
     )
     return config, processor, image, IDEFICS_TEMPLATE

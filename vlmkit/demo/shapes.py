@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,10 +249,12 @@ def write_dataset(
     name: str = "train.jsonl",
     sizes: tuple[int, ...] | None = None,
     kinds: tuple[str, ...] | None = None,
+    make: Callable[[random.Random, str], Example] | None = None,
 ) -> Path:
     """rows questions, the question types of `family` in turn (or `kinds` in turn: repeat a type to weight
     it), as JSONL + PNGs; returns the JSONL path. sizes: draw each picture at one of these sizes, picked at
-    random (default: `size`), so that a model sees pictures resized to its input as users send them."""
+    random (default: `size`), so that a model sees pictures resized to its input as users send them.
+    make: another world's example maker, make(rng, kind), which picks its own picture sizes."""
     if family not in QUESTION_TYPES:
         raise ValueError(f"family must be one of {sorted(QUESTION_TYPES)}, got {family!r}")
     if kinds is not None and not (kinds and set(kinds) <= set(QUESTION_TYPES[family])):
@@ -262,7 +265,11 @@ def write_dataset(
     kinds = kinds or QUESTION_TYPES[family]
     lines = []
     for i in range(rows):
-        example = make_example(rng, kinds[i % len(kinds)], rng.choice(sizes) if sizes else size)
+        kind = kinds[i % len(kinds)]
+        if make is not None:
+            example = make(rng, kind)
+        else:
+            example = make_example(rng, kind, rng.choice(sizes) if sizes else size)
         names = []
         for j, image in enumerate(example.images):
             names.append(f"images/{Path(name).stem}-{i:06d}-{j}.png")
