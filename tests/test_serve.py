@@ -413,7 +413,7 @@ class ScriptedEngine:
     adapters = None
     queue_depth = running = 0
     features = SimpleNamespace(hits=0)  # what /metrics reads of the caches
-    prefix = SimpleNamespace(hit_tokens=0, items={})
+    prefix = SimpleNamespace(hit_tokens=0, items={}, bytes=0)
 
     def __init__(self, answer, *, at_submit: bool = False) -> None:
         self.answer, self.at_submit, self.requests = answer, at_submit, []
