@@ -169,6 +169,49 @@ class RunnerMixin:
         return NoRowStore()
 
 
+class InlineImagesRunner(RunnerMixin):
+    """The runner of a family whose pictures' features take the place of its `<image>` tokens' embeddings
+    (the LLaVA families): the model holds `language_model` (a LLaMA-style causal LM) and
+    `embed_inputs(ids, features)`, which writes the features at the `<image>` positions, and gives `plan`
+    and `encode`; the rest is here. No per-row state."""
+
+    @property
+    def decoder(self) -> Any:
+        return self.language_model.model
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model(hidden)
+
+    def prompt_images(
+        self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]
+    ) -> torch.Tensor | None:
+        """The features of the `<image>` tokens from `start` on, in order (1, n, C)."""
+        n = int((plan.ids[0, start:] == self.config.image_token_index).sum())
+        if not n:
+            return None
+        return torch.cat([f for f in features if f is not None])[-n:][None]
+
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        *,
+        images: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        at: CacheSlots,
+        kv_caches: dict[nn.Module, Any] | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """Prompt tokens (B, T) with their image features into the cache -> last logits (B, V); no row state."""
+        hidden = self.decoder(
+            self.embed_inputs(ids, images),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            at=at,
+            kv_caches=kv_caches,
+        )
+        return self.head(hidden[:, -1]), None
+
+
 def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Rotary positions of the prompt as the reference's generate makes them: count of real tokens so far,
     padding at 0."""

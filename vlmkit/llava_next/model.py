@@ -10,18 +10,17 @@ The number of tokens of a picture depends on its size (`anyres.py`), which trave
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import nn
 
 from vlmkit.clip import CLIPVisionModel
 from vlmkit.generation import GenerationConfig, GenerationMixin
-from vlmkit.llama import LlamaForCausalLM, LlamaModel, causal_lm_loss, check_text_inputs
+from vlmkit.llama import LlamaForCausalLM, causal_lm_loss, check_text_inputs
 from vlmkit.llava_next.anyres import grid_shape, grid_tokens, tile_count, unpadded_box
 from vlmkit.llava_next.config import LlavaNextConfig
-from vlmkit.modules import CacheSlots, CausalLMOutput
-from vlmkit.runner import DecoderSession, ImageItem, PromptPlan, RunnerMixin, content_key
+from vlmkit.modules import CausalLMOutput
+from vlmkit.runner import DecoderSession, ImageItem, InlineImagesRunner, PromptPlan, content_key
 from vlmkit.vipllava.model import KEY_IGNORE as LLAVA_KEY_IGNORE
 from vlmkit.vipllava.model import KEY_MAP as LLAVA_KEY_MAP
 from vlmkit.vipllava.model import MultiLayerProjector
@@ -33,7 +32,7 @@ KEY_MAP = [("model.image_newline", "image_newline"), *LLAVA_KEY_MAP]
 KEY_IGNORE = LLAVA_KEY_IGNORE
 
 
-class LlavaNextModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module):
+class LlavaNextModel(InlineImagesRunner, GenerationMixin, SavePretrainedMixin, nn.Module):
     """LLaVA-NeXT (`model_type: llava_next`) with a Vicuna (LLaMA) or Mistral decoder, as the config says."""
 
     generation_inputs = ("pixel_values", "image_sizes")
@@ -257,13 +256,6 @@ class LlavaNextModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Modul
 
     # -- the runner (vlmkit.runner) -------------------------------------------------------------
 
-    @property
-    def decoder(self) -> LlamaModel:
-        return self.language_model.model
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model(hidden)
-
     def plan(self, inputs: dict[str, torch.Tensor]) -> PromptPlan:
         """One prompt (1, L) and its pictures: picture j fills the j-th run of tokens_for(size_j) `<image>`
         tokens. Each item holds the picture's own views (as many as its size takes, without the processor's
@@ -286,32 +278,3 @@ class LlavaNextModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Modul
         return self.packed_features(
             [item.pixels for item in items], [item.meta["image_size"] for item in items]
         )
-
-    def prompt_images(
-        self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]
-    ) -> torch.Tensor | None:
-        """The features of the `<image>` tokens from `start` on, in order (1, n, C)."""
-        n = int((plan.ids[0, start:] == self.config.image_token_index).sum())
-        if not n:
-            return None
-        return torch.cat([f for f in features if f is not None])[-n:][None]
-
-    def prefill(
-        self,
-        ids: torch.Tensor,
-        *,
-        images: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        at: CacheSlots,
-        kv_caches: dict[nn.Module, Any] | None = None,
-    ) -> tuple[torch.Tensor, None]:
-        """Prompt tokens (B, T) with their image features into the cache -> last logits (B, V); no row state."""
-        hidden = self.decoder(
-            self.embed_inputs(ids, images),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            at=at,
-            kv_caches=kv_caches,
-        )
-        return self.head(hidden[:, -1]), None

@@ -9,16 +9,14 @@ single-layer case without the norm. Attribute names equal the published checkpoi
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from vlmkit.clip import CLIPVisionModel
 from vlmkit.generation import GenerationConfig, GenerationMixin
-from vlmkit.llama import LlamaForCausalLM, LlamaModel, causal_lm_loss, check_text_inputs
-from vlmkit.modules import CacheSlots, CausalLMOutput, activation
-from vlmkit.runner import DecoderSession, ImageItem, PromptPlan, RunnerMixin, content_key
+from vlmkit.llama import LlamaForCausalLM, causal_lm_loss, check_text_inputs
+from vlmkit.modules import CausalLMOutput, activation
+from vlmkit.runner import DecoderSession, ImageItem, InlineImagesRunner, PromptPlan, content_key
 from vlmkit.vipllava.config import VipLlavaConfig
 from vlmkit.weights import SavePretrainedMixin
 
@@ -63,7 +61,7 @@ class MultiLayerProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class VipLlavaModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module):
+class VipLlavaModel(InlineImagesRunner, GenerationMixin, SavePretrainedMixin, nn.Module):
     """ViP-LLaVA (`model_type: vipllava`) or LLaVA-1.5 (`model_type: llava`), chosen by the config."""
 
     generation_inputs = ("pixel_values", "image_features")
@@ -198,13 +196,6 @@ class VipLlavaModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module
 
     # -- the runner (vlmkit.runner) -------------------------------------------------------------
 
-    @property
-    def decoder(self) -> LlamaModel:
-        return self.language_model.model
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model(hidden)
-
     def plan(self, inputs: dict[str, torch.Tensor]) -> PromptPlan:
         """One prompt (1, L) and its pictures: picture j fills the j-th run of `<image>` tokens."""
         ids, pixels = inputs["input_ids"], inputs.get("pixel_values")
@@ -221,32 +212,3 @@ class VipLlavaModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module
     def encode(self, items: list[ImageItem]) -> list[torch.Tensor]:
         """Pictures (C, H, W) each -> projected features (P, C_text) each, the tower run once over all."""
         return list(self.get_image_features(torch.stack([item.pixels for item in items])))
-
-    def prompt_images(
-        self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]
-    ) -> torch.Tensor | None:
-        """The features of the `<image>` tokens from `start` on, in order (1, n, C)."""
-        n = int((plan.ids[0, start:] == self.config.image_token_index).sum())
-        if not n:
-            return None
-        return torch.cat([f for f in features if f is not None])[-n:][None]
-
-    def prefill(
-        self,
-        ids: torch.Tensor,
-        *,
-        images: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor,
-        at: CacheSlots,
-        kv_caches: dict[nn.Module, Any] | None = None,
-    ) -> tuple[torch.Tensor, None]:
-        """Prompt tokens (B, T) with their image features into the cache -> last logits (B, V); no row state."""
-        hidden = self.decoder(
-            self.embed_inputs(ids, images),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            at=at,
-            kv_caches=kv_caches,
-        )
-        return self.head(hidden[:, -1]), None
