@@ -12,7 +12,7 @@ from vlmkit.images import DEFAULT_MAX_PIXELS, ImageInput
 from vlmkit.llava_next.anyres import AnyResImageProcessor, best_resolution, grid_tokens
 from vlmkit.processing import read_processor_files
 from vlmkit.tokenizer import Tokenizer
-from vlmkit.vipllava.processor import LLAVA_TEMPLATE, LlavaProcessor, flatten_images
+from vlmkit.vipllava.processor import LLAVA_TEMPLATE, LlavaProcessor, prompts_and_images
 
 # llava-v1.6-mistral's prompt format ([INST] ... [/INST]), for Mistral checkpoints without a chat template;
 # Vicuna checkpoints without one take LLaVA-1.5's USER: / ASSISTANT: format.
@@ -130,18 +130,7 @@ class LlavaNextProcessor:
         return_tensors: str = "pt",
         allow_remote: bool = False,
     ) -> dict[str, torch.Tensor]:
-        if text is None:
-            raise ValueError("text is required: a prompt with one <image> per image")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError("text must be a string or a list of strings")
-        flat = flatten_images(images)
-        n_markers = sum(t.count(self.image_token) for t in texts)
-        if n_markers != len(flat):
-            raise ValueError(
-                f"the prompts hold {n_markers} {self.image_token} markers but {len(flat)} images were given; "
-                f"put one {self.image_token} in the text where each image goes"
-            )
+        texts, flat = prompts_and_images(text, images, self.image_token)
         out: dict[str, torch.Tensor] = {}
         counts: list[int] = []
         if flat:

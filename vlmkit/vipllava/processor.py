@@ -135,18 +135,7 @@ class LlavaProcessor:
         return_tensors: str = "pt",
         allow_remote: bool = False,
     ) -> dict[str, torch.Tensor]:
-        if text is None:
-            raise ValueError("text is required: a prompt with one <image> per image")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(t, str) for t in texts):
-            raise ValueError("text must be a string or a list of strings")
-        flat = flatten_images(images)
-        n_markers = sum(t.count(self.image_token) for t in texts)
-        if n_markers != len(flat):
-            raise ValueError(
-                f"the prompts hold {n_markers} {self.image_token} markers but {len(flat)} images were given; "
-                f"put one {self.image_token} in the text where each image goes"
-            )
+        texts, flat = prompts_and_images(text, images, self.image_token)
         out: dict[str, torch.Tensor] = {}
         if flat:
             out = self.image_inputs(flat, allow_remote=allow_remote)
@@ -196,6 +185,24 @@ class LlavaProcessor:
 
     def batch_decode(self, rows: Any, *, skip_special_tokens: bool = False) -> list[str]:
         return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens)
+
+
+def prompts_and_images(text: Any, images: Any, marker: str) -> tuple[list[str], list[Any]]:
+    """A processor's `text` as a list of prompts and its `images` flattened, checked against each other:
+    one `marker` in the prompts per image."""
+    if text is None:
+        raise ValueError("text is required: a prompt with one <image> per image")
+    texts = [text] if isinstance(text, str) else list(text)
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("text must be a string or a list of strings")
+    flat = flatten_images(images)
+    n_markers = sum(t.count(marker) for t in texts)
+    if n_markers != len(flat):
+        raise ValueError(
+            f"the prompts hold {n_markers} {marker} markers but {len(flat)} images were given; "
+            f"put one {marker} in the text where each image goes"
+        )
+    return texts, flat
 
 
 def flatten_images(images: Any) -> list[Any]:
