@@ -46,3 +46,20 @@ def section(d: dict[str, Any], key: str) -> dict[str, Any] | None:
             f"config.json: {key!r} must be an object of settings, got {value!r:.60}; fix or remove it"
         )
     return dict(value)
+
+
+def checked_feature_layers(layers: Any, tower_layers: int) -> int | list[int]:
+    """`vision_feature_layer` as an int or a non-empty list of ints, each the index of a hidden state of a
+    vision tower of `tower_layers` layers (0: the embeddings; negative: from the end)."""
+    if isinstance(layers, (list, tuple)):
+        if not layers:
+            raise ValueError("vision_feature_layer is an empty list")
+        layers = [int(i) for i in layers]
+    n = tower_layers + 1
+    for i in [layers] if isinstance(layers, int) else layers:
+        if not -n <= i < n:
+            raise ValueError(
+                f"vision_feature_layer {i} is out of range for a vision tower of "
+                f"{n - 1} layers (valid: {-n}..{n - 1})"
+            )
+    return layers

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmkit.clip import CLIPVisionConfig
-from vlmkit.configs import section
+from vlmkit.configs import checked_feature_layers, section
 from vlmkit.llama import LlamaConfig
 
 MODEL_TYPES = ("vipllava", "llava")
@@ -48,17 +48,9 @@ class VipLlavaConfig:
                 f"vision_feature_select_strategy must be 'default' or 'full', "
                 f"got {self.vision_feature_select_strategy!r}"
             )
-        if isinstance(self.vision_feature_layer, (list, tuple)):
-            if not self.vision_feature_layer:
-                raise ValueError("vision_feature_layer is an empty list")
-            self.vision_feature_layer = [int(i) for i in self.vision_feature_layer]
-        n = self.vision_config.num_hidden_layers + 1
-        for i in self.feature_layers:
-            if not -n <= i < n:
-                raise ValueError(
-                    f"vision_feature_layer {i} is out of range for a vision tower of "
-                    f"{n - 1} layers (valid: {-n}..{n - 1})"
-                )
+        self.vision_feature_layer = checked_feature_layers(
+            self.vision_feature_layer, self.vision_config.num_hidden_layers
+        )
         self.text_config.tie_word_embeddings = self.tie_word_embeddings
 
     @property
