@@ -11,7 +11,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from test_serve import NoModel, ScriptedEngine, data_uri
+from test_serve import NoModel, ScriptedEngine, data_uri, wait_until
 
 import vlmkit
 from vlmkit.cli import main as cli_main
@@ -412,18 +412,9 @@ def test_a_request_whose_token_choice_fails_ends_alone(demo, monkeypatch):
         assert [ev.finish_reason for ev in events["fine"] if ev.finish_reason] in (["length"], ["stop"])
         assert "".join(ev.text for ev in events["fine"]).strip()
         assert engine.error is None
-        assert engine.scheduler.running == 0 or wait_for(lambda: engine.scheduler.running == 0)
+        assert engine.scheduler.running == 0 or wait_until(lambda: engine.scheduler.running == 0)
     finally:
         engine.stop(10)
-
-
-def wait_for(condition, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def httpx_post(url: str, body: dict):
