@@ -284,3 +284,90 @@ def test_a_request_past_its_deadline_ends_with_a_timeout(vlm):
         engine.stop(10)
     end = events[-1]
     assert end.finish_reason == "error" and isinstance(end.error, RequestTimeout) and end.error.status == 408
+
+
+JOINING = [
+    ("Describe this.", [picture(40)], 1),
+    ("Hello there, how are you today?", [], 1),  # text only, the longest prompt
+    ("Compare", [picture(41), picture(42)], 2),  # two choices: its row is copied
+    ("Hi", [], 1),
+    ("Again", [picture(40)], 1),
+]
+
+
+def start_together(vlm, engine: Engine, jobs=JOINING, max_tokens: int = 6):
+    """Submit every job before the engine starts, so that they all join in its first round; each one's
+    events."""
+    events = [[] for _ in jobs]
+    requests = []
+    for (text, ims, n), ev in zip(jobs, events, strict=True):
+        requests.append(
+            Request(
+                inputs=vlm.inputs(text, ims),
+                params=SamplingParams(max_tokens=max_tokens, n=n),
+                emit=ev.append,
+            )
+        )
+        engine.submit(requests[-1])
+    engine.start()
+    try:
+        assert all(r.done.wait(60) for r in requests)
+    finally:
+        engine.stop(10)
+    return events
+
+
+def texts_of(events, n: int) -> list[str]:
+    return ["".join(e.text for e in events if e.index == j) for j in range(n)]
+
+
+def test_requests_that_join_together_run_in_one_prefill(vlm, monkeypatch):
+    """Prompts of different lengths, with pictures and without, one with two choices, run as one prefill
+    padded on the right; every answer equals the request run alone."""
+    want = [vlm.generate(text, images=ims, max_new_tokens=6) for text, ims, _ in JOINING]
+    batches = []
+    prefill = type(vlm.model).prefill
+
+    def counting(self, ids, **kw):
+        batches.append(ids.shape[0])
+        return prefill(self, ids, **kw)
+
+    monkeypatch.setattr(type(vlm.model), "prefill", counting)
+    engine = Engine(vlm.model, vlm.tokenizer, max_batch=8, max_seq_len=128, prefix_cache_mb=0)
+    events = start_together(vlm, engine)
+    assert batches == [len(JOINING)]
+    for (_, _, n), ev, w in zip(JOINING, events, want, strict=True):
+        assert texts_of(ev, n) == [w] * n
+        assert [e.finish_reason for e in ev if e.finish_reason] == ["length"] * n
+
+
+def test_a_failing_joint_prefill_runs_each_prompt_alone(vlm, monkeypatch):
+    """If the joint prefill fails, each prompt runs alone: a prompt that fails alone too ends its own request
+    with the error, and the rows of the ones after it move up into its rows."""
+    from vlmkit.serve.executor import Executor
+
+    want = [vlm.generate(text, images=ims, max_new_tokens=6) for text, ims, _ in JOINING]
+    alone = Executor._prefill_alone
+    failing = {}
+
+    def together(self, jobs, rows):
+        raise RuntimeError("out of memory (simulated)")
+
+    def one(self, key, row, n):
+        if not failing:
+            failing["key"] = key + 2  # the third prompt: the one with two choices
+        if key == failing["key"]:
+            raise RuntimeError("this prompt fails (simulated)")
+        return alone(self, key, row, n)
+
+    monkeypatch.setattr(Executor, "_prefill_together", together)
+    monkeypatch.setattr(Executor, "_prefill_alone", one)
+    engine = Engine(vlm.model, vlm.tokenizer, max_batch=8, max_seq_len=128)
+    events = start_together(vlm, engine)
+    for i, ((_, _, n), ev, w) in enumerate(zip(JOINING, events, want, strict=True)):
+        if i == 2:
+            ends = [e for e in ev if e.finish_reason]
+            assert [e.finish_reason for e in ends] == ["error"] * n and "simulated" in str(ends[0].error)
+        else:
+            assert texts_of(ev, n) == [w] * n
+    assert engine.running == 0 and not engine.executor.prompts

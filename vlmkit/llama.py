@@ -6,7 +6,7 @@ so a checkpoint's `language_model.*` tensors load by identity.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -344,7 +344,7 @@ def decoder_context(
         position_ids = at.input_pos[None].expand(B, T)
     window = sliding_window
     if cache is not None:
-        at = CacheSlots(at.input_pos, at.key_len or cache.max_seq_len, at.row, at.slots)
+        at = replace(at, key_len=at.key_len or cache.max_seq_len)
         # rows of a server's step sit at their own slots: the window ends at each row's, not at the last
         query = at.slots[:, None] if window is not None and at.slots is not None else at.input_pos
         mask = causal_mask(attention_mask, query, at.key_len, window=window)

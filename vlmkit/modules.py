@@ -154,12 +154,14 @@ class CacheSlots:
 
     input_pos (T,): the slots of the T tokens, the same for every row; key_len: the slots attention reads
     (None: all). A cache that serves rows of different lengths (the server's) also reads `row` (a one-row
-    prompt written into that row only) or `slots` (n,) (each row's own slot for a one-token step)."""
+    prompt written into that row only), `rows` (B,) (a batch of prompts, each written into its own row) or
+    `slots` (n,) (each row's own slot for a one-token step)."""
 
     input_pos: torch.Tensor
     key_len: int | None = None
     row: int | None = None
     slots: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 class KVCache(nn.Module):

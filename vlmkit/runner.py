@@ -7,7 +7,8 @@ A family's model implements `Runner` (most of it comes from `RunnerMixin`):
   different shapes, such as LLaVA-NeXT's different counts of tiles, encode in one call), which is what the
   engine's feature cache stores;
 - `prompt_images(plan, start, features)`: what the prefill of the plan's tokens from `start` on needs of
-  the pictures, in the family's own form;
+  the pictures, in the family's own form; `batch_images` puts several prompts' together for one prefill
+  of their ids padded on the right;
 - `prefill(ids, images=..., ...)` and `decode(tokens, ...)`: the decoder over a KV cache view, slots passed
   per call (`CacheSlots`), with a family-owned per-row state: `prefill` returns it, `decode` reads it.
   IDEFICS keeps its cross-attention keys/values, image mask and gates there; LLaVA has none;
@@ -47,6 +48,13 @@ class PromptPlan:
     items: list[ImageItem]
     decode_items: list[int]  # the pictures every generated token depends on (IDEFICS: the last token's)
     extra: dict[str, Any] = field(default_factory=dict)  # family inputs its prefill needs again
+
+
+def last_positions(hidden: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """hidden (B, T, C) at each row's last real position (B, C): `last` (B,), or T - 1 when None."""
+    if last is None:
+        return hidden[:, -1]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
 
 
 def content_key(pixels: torch.Tensor, meta: dict[str, Any] | None = None) -> str:
@@ -110,6 +118,10 @@ class Runner(Protocol):
         """What `prefill` of the plan's tokens from `start` on needs of its pictures, in the family's own
         form; `features` has one entry per picture, None where no token from `start` on depends on it."""
 
+    def batch_images(self, images: list[Any], lengths: list[int]) -> Any:
+        """Several prompts' `prompt_images` (each for `lengths[b]` tokens) as one `prefill` of their ids
+        stacked in that order and padded on the right to the longest."""
+
     def prefill(
         self,
         ids: torch.Tensor,
@@ -119,9 +131,11 @@ class Runner(Protocol):
         position_ids: torch.Tensor,
         at: CacheSlots,
         kv_caches: dict[nn.Module, Any] | None = None,
+        last: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RowState | None]:
         """Prompt tokens (B, T) with `images` into the cache at `at` -> the last position's logits (B, V)
-        and the rows' state for the decode steps (None: the family keeps none)."""
+        and the rows' state for the decode steps (None: the family keeps none). last (B,): each row's last
+        real position, for ids padded on the right (None: T - 1 in every row)."""
 
     def decode(
         self,
@@ -191,6 +205,12 @@ class InlineImagesRunner(RunnerMixin):
             return None
         return torch.cat([f for f in features if f is not None])[-n:][None]
 
+    def batch_images(self, images: list[torch.Tensor | None], lengths: list[int]) -> torch.Tensor | None:
+        """The prompts' features (1, n_b, C) one after another: the order of their `<image>` tokens in the
+        stacked ids (padding holds none)."""
+        have = [f for f in images if f is not None]
+        return torch.cat(have, dim=1) if have else None
+
     def prefill(
         self,
         ids: torch.Tensor,
@@ -200,6 +220,7 @@ class InlineImagesRunner(RunnerMixin):
         position_ids: torch.Tensor,
         at: CacheSlots,
         kv_caches: dict[nn.Module, Any] | None = None,
+        last: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, None]:
         """Prompt tokens (B, T) with their image features into the cache -> last logits (B, V); no row state."""
         hidden = self.decoder(
@@ -209,7 +230,7 @@ class InlineImagesRunner(RunnerMixin):
             at=at,
             kv_caches=kv_caches,
         )
-        return self.head(hidden[:, -1]), None
+        return self.head(last_positions(hidden, last)), None
 
 
 def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from vlmkit.idefics.cross_attention import CrossContext, CrossRows, FusionLayer,
 from vlmkit.idefics.perceiver import PerceiverResampler
 from vlmkit.llama import LlamaModel, causal_lm_loss, check_text_inputs
 from vlmkit.modules import CacheSlots, CausalLMOutput
-from vlmkit.runner import DecoderSession, ImageItem, PromptPlan, RunnerMixin, content_key
+from vlmkit.runner import DecoderSession, ImageItem, PromptPlan, RunnerMixin, content_key, last_positions
 from vlmkit.weights import SavePretrainedMixin
 
 # Published checkpoints and transformers 5 saves use the same names as our modules.
@@ -373,6 +373,25 @@ class IdeficsModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module)
         states = torch.stack([zeros if f is None else f for f in features])[None]
         return states, plan.extra["image_attention_mask"][:, start:]
 
+    def batch_images(
+        self, images: list[tuple[torch.Tensor, torch.Tensor] | None], lengths: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The prompts' image states stacked (B, N_max, S, C), zeros past each row's own pictures, and their
+        masks (B, T_max, N_max), zeros at padding: a padded picture is never seen, a text-only row's tokens
+        are gated off (as without pictures)."""
+        have = [x for x in images if x is not None]
+        if not have:
+            return None
+        like = have[0][0]
+        width = max(states.shape[1] for states, _ in have)
+        states = like.new_zeros(len(images), width, *like.shape[2:])
+        mask = have[0][1].new_zeros(len(images), max(lengths), width)
+        for b, x in enumerate(images):
+            if x is not None:
+                states[b, : x[0].shape[1]] = x[0][0]
+                mask[b, : x[1].shape[1], : x[1].shape[2]] = x[1][0]
+        return states, mask
+
     def prefill(
         self,
         ids: torch.Tensor,
@@ -382,9 +401,11 @@ class IdeficsModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module)
         position_ids: torch.Tensor,
         at: CacheSlots,
         kv_caches: dict[nn.Module, Any] | None = None,
+        last: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, CrossContext | None]:
         """Prompt tokens (B, T) into the cache -> last logits (B, V) and the rows' cross context for the
-        decode steps: the images the last prompt token attends to, keys/values reused."""
+        decode steps: the images the last prompt token (`last` (B,) for ids padded on the right) attends
+        to, keys/values reused."""
         states, iam = images if images is not None else (None, None)
         cross = self.cross_context(states, iam)
         hidden = self.model(
@@ -395,8 +416,11 @@ class IdeficsModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module)
             kv_caches=kv_caches,
             state=cross,
         )
-        step = None if cross is None else self.cross_context(states, iam[:, -1:], kv=cross.kv)
-        return self.lm_head(hidden[:, -1]), step
+        step = None
+        if cross is not None:
+            end = iam[:, -1:] if last is None else last_positions(iam, last)[:, None]
+            step = self.cross_context(states, end, kv=cross.kv)
+        return self.lm_head(last_positions(hidden, last)), step
 
     def row_store(self, max_batch: int) -> CrossRows:
         return CrossRows(max_batch)

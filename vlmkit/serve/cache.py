@@ -37,8 +37,15 @@ class RowKVCache(torch.nn.Module):
         return self.k.shape[2]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, at: CacheSlots) -> tuple[torch.Tensor, torch.Tensor]:
-        """A prompt (1, Hkv, T, D) goes into row `at.row` at `at.input_pos`; a decode step (n, Hkv, 1, D)
-        into rows 0..n-1, each at its own slot `at.slots[i]`."""
+        """A prompt (1, Hkv, T, D) goes into row `at.row` at `at.input_pos`, a batch of prompts (B, Hkv, T, D)
+        into rows `at.rows` (B,) at `at.input_pos`; a decode step (n, Hkv, 1, D) into rows 0..n-1, each at
+        its own slot `at.slots[i]`."""
+        if at.rows is not None:
+            where = (at.rows[:, None], slice(None), at.input_pos[None, :])
+            self.k[where] = k.transpose(1, 2)  # (B, T, Hkv, D): the indexed dimensions come first
+            self.v[where] = v.transpose(1, 2)
+            keys = self.k[:, :, : at.key_len].index_select(0, at.rows)
+            return keys, self.v[:, :, : at.key_len].index_select(0, at.rows)
         r = at.row
         if r is not None:
             self.k[r].index_copy_(1, at.input_pos, k[0])

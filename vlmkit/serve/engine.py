@@ -223,45 +223,60 @@ class Engine:
                 self.executor.call("forget", key)
                 self._finish_request(r, "error", e)
             return
-        for r, key, prompt in planned:
+        jobs = [(key, r.params.n) for r, key, _ in planned]
+        results = self.executor.call("run_prompts", jobs, self.scheduler.running)
+        at = self.scheduler.running  # where the executor put the next prompt that ran
+        for (r, key, prompt), result in zip(planned, results, strict=True):
+            if isinstance(result, Exception):
+                self.executor.call("forget", key)
+                self._finish_request(r, "error", result)
+                continue
+            n, here = r.params.n, self.scheduler.running
+            if at != here:  # an earlier request gave up its rows: this one's move up into them
+                self.executor.call("compact", [(at + j, here + j, prompt.ids.shape[1]) for j in range(n)])
+            at += n
+            logits, r.cached_tokens = result
             try:
-                self._start_rows(r, key, prompt)
-            except Exception as e:
+                rows = self._rows(r, key, prompt, logits.shape[-1])
+            except Exception as e:  # its settings or its grammar: that request fails alone
                 self.executor.call("forget", key)
                 self._finish_request(r, "error", e)
+                continue
+            self.scheduler.rows.extend(rows)
+            for row in rows:
+                self._take(row, logits[0])
 
-    def _start_rows(self, request: Request, key: int, prompt: Prompt) -> None:
-        """Run the prompt's uncached part straight into the next free row (its cached blocks copied in first),
-        give each further choice a copy of the row and of its state, and choose every choice's first token."""
-        logits, request.cached_tokens = self.executor.call(
-            "run_prompt", key, self.scheduler.running, request.params.n
-        )
+    def _rows(self, request: Request, key: int, prompt: Prompt, vocab: int) -> list[Row]:
+        """The request's rows, one per choice, for its prompt that ran into the next free cache rows
+        (`Executor.run_prompts`); each then chooses its first token from the prompt's last logits."""
         config = request.config
         request.open_rows = request.params.n
         seed = request.params.seed
+        rows = []
         for j in range(request.params.n):
             gen = None
             if config.do_sample:
-                gen = torch.Generator(device=logits.device)
+                gen = torch.Generator(device=self.executor.cache.device)
                 gen.manual_seed(seed + j if seed is not None else int(torch.randint(2**62, (1,))))
-            row = Row(
-                request=request,
-                index=j,
-                config=config,
-                sequence=prompt.ids.clone(),
-                length=prompt.ids.shape[1],
-                decoder=IncrementalDecoder(self.tokenizer),
-                stops=StopStrings(request.params.stop),
-                generator=gen,
-                prompt=prompt,
-                key=key,
-                logprobs=request.params.logprobs,
-                guide=None
-                if config.constraint is None
-                else Guide(config.constraint, self.tokenizer, logits.shape[-1], config.eos_token_id),
+            rows.append(
+                Row(
+                    request=request,
+                    index=j,
+                    config=config,
+                    sequence=prompt.ids.clone(),
+                    length=prompt.ids.shape[1],
+                    decoder=IncrementalDecoder(self.tokenizer),
+                    stops=StopStrings(request.params.stop),
+                    generator=gen,
+                    prompt=prompt,
+                    key=key,
+                    logprobs=request.params.logprobs,
+                    guide=None
+                    if config.constraint is None
+                    else Guide(config.constraint, self.tokenizer, vocab, config.eos_token_id),
+                )
             )
-            self.scheduler.rows.append(row)
-            self._take(row, logits[0])
+        return rows
 
     # -- decoding -------------------------------------------------------------------------------
 

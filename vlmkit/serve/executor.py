@@ -24,7 +24,7 @@ from vlmkit.serve.config import EngineConfig
 from vlmkit.serve.errors import InvalidRequest, NotFound
 
 log = logging.getLogger("vlmkit.serve")
-OPS = ("plan", "encode", "run_prompt", "decode", "keep", "compact", "forget")
+OPS = ("plan", "encode", "run_prompts", "decode", "keep", "compact", "forget")
 
 
 class Executor:
@@ -90,10 +90,49 @@ class Executor:
         """Features of every picture the prompts `keys` still need, from the feature cache or one `encode`."""
         self.joining = self.cache.encode_needed([self.prompts[k] for k in keys])
 
-    def run_prompt(self, key: int, row: int, n: int) -> tuple[torch.Tensor, int]:
-        """Run prompt `key`'s uncached part into cache row `row`, after its cached blocks; copy the row (and
-        its state) into the next n - 1 rows for further choices; keep its blocks. Returns the last logits
-        (1, V) and how many prompt tokens came from the prefix cache."""
+    def run_prompts(
+        self, jobs: list[tuple[int, int]], first: int
+    ) -> list[tuple[torch.Tensor, int] | Exception]:
+        """Run the joining prompts `jobs` ((key, n) each, in order) into the cache rows from `first` on, n rows
+        each: a prompt's uncached part after its cached blocks, then copies of its row (and state) for its
+        further choices; keep their blocks. The prompts that start with no cached block run together in one
+        prefill, padded on the right; the others run alone, and so do all of them if that joint prefill
+        fails, so that a failure ends its own request only. Rows go to the prompts that ran, in order. Per
+        job: its last logits (1, V) and how many of its tokens came from the prefix cache, or the exception
+        that ended it."""
+        rows, row = [], first
+        for _, n in jobs:
+            rows.append(row)
+            row += n
+        results: list[Any] = [None] * len(jobs)
+        together = [i for i, (key, _) in enumerate(jobs) if not self.prompts[key].pinned]
+        if len(together) > 1:
+            try:
+                logits = self._prefill_together([jobs[i] for i in together], [rows[i] for i in together])
+                for i, lg in zip(together, logits, strict=True):
+                    results[i] = (lg, 0)
+            except Exception as e:  # noqa: BLE001 - each runs alone below, and its own failure is reported
+                log.debug(
+                    "a joint prefill of %d prompts failed (%r); running them one by one", len(together), e
+                )
+        for i, (key, n) in enumerate(jobs):
+            if results[i] is None:
+                try:
+                    results[i] = self._prefill_alone(key, rows[i], n)
+                except Exception as e:  # noqa: BLE001 - returned: it ends that request alone
+                    results[i] = e
+        moves, row = [], first  # rows of the prompts that failed are given to the ones after them
+        for i, (key, n) in enumerate(jobs):
+            if isinstance(results[i], Exception):
+                continue
+            if rows[i] != row:
+                moves += [(rows[i] + j, row + j, self.prompts[key].ids.shape[1]) for j in range(n)]
+            row += n
+        self.compact(moves)
+        return results
+
+    def _prefill_alone(self, key: int, row: int, n: int) -> tuple[torch.Tensor, int]:
+        """Prompt `key`'s uncached part into row `row` after its cached blocks, then its n - 1 copies."""
         prompt = self.prompts[key]
         ids, L = prompt.ids, prompt.ids.shape[1]
         start = self.cache.load_prefix(row, prompt)
@@ -110,13 +149,51 @@ class Executor:
                 at=CacheSlots(pos, key_len=L, row=row),
                 kv_caches=self.cache.map,
             )
-        self.row_adapters[row : row + n] = [lora] * n
-        for j in range(1, n):
-            self.cache.copy_row(row, row + j, L)
-        self.states.join(row, n, state)
-        self.cache.keep(row, prompt.hashes)
+        self._settle(key, row, n, state)
         self.cache.prefix.hit_tokens += start
         return logits, start
+
+    def _prefill_together(self, jobs: list[tuple[int, int]], rows: list[int]) -> list[torch.Tensor]:
+        """Whole prompts (none cached) in one prefill, ids padded on the right with their first token: each
+        real token sees only its own row's earlier tokens (causal), and each row's logits are read at its last
+        real token. Returns each prompt's last logits (1, V)."""
+        prompts = [self.prompts[key] for key, _ in jobs]
+        lengths = [p.ids.shape[1] for p in prompts]
+        T = max(lengths)
+        device = prompts[0].ids.device
+        ids = torch.stack([torch.cat([p.ids[0], p.ids[0, :1].expand(T - p.ids.shape[1])]) for p in prompts])
+        images = self.model.batch_images(
+            [
+                self.model.prompt_images(p.plan, 0, self.cache.needed_features(p, self.joining))
+                for p in prompts
+            ],
+            lengths,
+        )
+        pos = torch.arange(T, device=device)
+        with self.lora_rows([self.prompt_adapters.get(key) for key, _ in jobs]):
+            logits, state = self.model.prefill(
+                ids,
+                images=images,
+                attention_mask=None,
+                position_ids=pos[None],
+                at=CacheSlots(pos, key_len=T, rows=torch.tensor(rows, device=device)),
+                kv_caches=self.cache.map,
+                last=torch.tensor(lengths, device=device) - 1,
+            )
+        for b, ((key, n), row) in enumerate(zip(jobs, rows, strict=True)):
+            self.cache.release(prompts[b])
+            one = None if state is None else state.select(torch.tensor([b], device=device))
+            self._settle(key, row, n, one)
+        return [logits[b : b + 1] for b in range(len(jobs))]
+
+    def _settle(self, key: int, row: int, n: int, state: Any) -> None:
+        """After a prompt ran into `row`: its adapter, its n - 1 copies, its state, and its blocks kept."""
+        prompt = self.prompts[key]
+        self.row_adapters[row : row + n] = [self.prompt_adapters.get(key)] * n
+        for j in range(1, n):
+            self.cache.copy_row(row, row + j, prompt.ids.shape[1])
+        self.states.join(row, n, state)
+        self.cache.keep(row, prompt.hashes)
 
     def decode(self, tokens: list[int], lengths: list[int]) -> torch.Tensor:
         """One step for rows 0..n-1: token i goes into row i at slot lengths[i]; the logits (n, V)."""
