@@ -47,8 +47,8 @@ soak: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/soak.py --duration $(SOAK_SECONDS)
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check vlmkit tests examples benchmarks fuzz
-	$(BIN)/ruff format --check vlmkit tests examples benchmarks fuzz
+	$(BIN)/ruff check vlmkit tests examples benchmarks fuzz scripts
+	$(BIN)/ruff format --check vlmkit tests examples benchmarks fuzz scripts
 
 clean:
 	rm -rf $(VENV) build *.egg-info

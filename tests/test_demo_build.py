@@ -57,3 +57,47 @@ def test_tower_pretraining_learns_the_cells():
     random.seed(0)
     scores = build.pretrain_tower(model, load_processor(folder), steps=150, batch_size=16)
     assert scores["shape"] > 0.8  # guessing "empty" everywhere scores about 0.6
+
+
+def test_rows_drawn_by_worker_processes_equal_rows_drawn_by_one(tmp_path):
+    from vlmkit.demo import freeform
+
+    one = freeform.write_dataset(tmp_path / "one", 300, seed=3)
+    two = freeform.write_dataset(tmp_path / "two", 300, seed=3, workers=2)
+    assert one.read_text() == two.read_text()
+    names = sorted(p.name for p in (tmp_path / "one" / "images").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two" / "images").iterdir()) and len(names) == 300
+    for name in names[::37]:
+        assert (tmp_path / "one" / "images" / name).read_bytes() == (
+            tmp_path / "two" / "images" / name
+        ).read_bytes()
+
+
+def test_rare_classes_weigh_as_much_as_common_ones():
+    import torch
+
+    # a label whose class 1 is 1 patch in 20: its weight is 19 times class 0's, and the average weight is 1
+    truth = torch.zeros(4, 20, dtype=torch.long)
+    truth[:, 0] = 1
+    batches = iter([(None, {"marked": truth})] * 8)
+    w = build.class_weights(batches, {"marked": 2})["marked"]
+    assert torch.allclose(w[1] / w[0], torch.tensor(19.0)) and torch.isclose(
+        (w * torch.tensor([0.95, 0.05])).sum(), torch.tensor(1.0)
+    )
+    # capped, and a class that never occurs weighs nothing
+    truth[:, 1:] = 0
+    w = build.class_weights(
+        iter([(None, {"m": torch.zeros(1, 1000, dtype=torch.long).index_fill(1, torch.tensor([0]), 1)})] * 8),
+        {"m": 3},
+        cap=30.0,
+    )["m"]
+    assert w[2] == 0 and torch.isclose(w[1] / w[0], torch.tensor(30.0))
+
+
+def test_balanced_accuracy_is_not_fooled_by_the_common_class():
+    import torch
+
+    target = torch.tensor([0] * 98 + [1, 1])
+    always_zero = torch.nn.functional.one_hot(torch.zeros(100, dtype=torch.long), 2).float()
+    assert build.balanced_accuracy(always_zero, target) == 0.5  # plain accuracy: 0.98
+    assert build.balanced_accuracy(torch.nn.functional.one_hot(target, 2).float(), target) == 1.0

@@ -11,8 +11,10 @@ import argparse
 import json
 import random
 import shutil
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +120,47 @@ def tower_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.
     return model.model.vision_model(pixel_values, layers=(-1,))[0][:, 1:]
 
 
+class SceneBatches(torch.utils.data.IterableDataset):
+    """Endless stage-1 batches: (pixel values, per-patch labels stacked), each worker drawing with its own
+    seeded generator (so worker processes draw the pictures while the main one trains)."""
+
+    def __init__(self, scenes: Callable, preprocess: Callable, batch_size: int, seed: int) -> None:
+        self.scenes, self.preprocess, self.batch_size, self.seed = scenes, preprocess, batch_size, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(self.seed + 1 + 1000 * (info.id if info else 0))
+        while True:
+            images, truth = zip(*(self.scenes(rng) for _ in range(self.batch_size)), strict=True)
+            yield self.preprocess(list(images)), {k: torch.stack([t[k] for t in truth]) for k in truth[0]}
+
+
+def class_weights(batches, labels: dict[str, int], n: int = 8, cap: float = 30.0) -> dict[str, torch.Tensor]:
+    """Per label, loss weights for its classes from their frequencies in n batches: inverse frequency, so a
+    rare class (the few patches a mark or arrow points at) counts as much as the common one, capped at
+    `cap` times the most common class's weight and scaled to keep the average weight 1."""
+    counts = {k: torch.zeros(c) for k, c in labels.items()}
+    for _, truth in (next(batches) for _ in range(n)):
+        for k in labels:
+            counts[k] += torch.bincount(truth[k].flatten(), minlength=labels[k]).float()
+    weights = {}
+    for k, count in counts.items():
+        freq = count / count.sum()
+        w = torch.where(freq > 0, 1 / freq.clamp_min(1e-12), torch.zeros_like(freq))
+        w = torch.minimum(w, w[freq > 0].min() * cap)
+        weights[k] = w / (freq * w).sum()
+    return weights
+
+
+def balanced_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean over the classes present of the share of their patches predicted right (plain accuracy would
+    call "no mark anywhere" 98% right)."""
+    guess = logits.argmax(-1).flatten()
+    target = target.flatten()
+    recalls = [(guess[target == c] == c).float().mean() for c in target.unique()]
+    return float(torch.stack(recalls).mean())
+
+
 def pretrain_tower(
     model: torch.nn.Module,
     processor,
@@ -129,37 +172,66 @@ def pretrain_tower(
     sizes: tuple[int, ...] = RENDER_SIZES,
     scenes: Callable[[random.Random], tuple[Image.Image, dict[str, torch.Tensor]]] | None = None,
     labels: dict[str, int] = PATCH_LABELS,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+    log_every: int = 0,
 ) -> dict[str, float]:
     """Stage 1, as real VLMs start from a pretrained CLIP (and LLaVA from an aligned projector): teach the
     vision tower (and ViP-LLaVA's projector) the shapes world by predicting, for each patch, what its cell
-    holds (PATCH_LABELS) through throw-away linear heads. Returns the last batch's per-patch accuracy for
-    each label. scenes(rng) -> (picture, per-patch labels with the classes in `labels`): another world's
-    labelled scenes (default: the grid world's, drawn at one of `sizes`)."""
-    rng = random.Random(seed + 1)
+    holds (`labels`) through throw-away linear heads, each label's classes weighted by `class_weights`.
+    Returns each label's balanced accuracy (`balanced_accuracy`), averaged over the last 20 steps.
+    scenes(rng) -> (picture, per-patch labels with the classes in `labels`): another world's labelled scenes
+    (default: the grid world's, drawn at one of `sizes`). workers: processes drawing the pictures (0: this
+    one). The model is trained on `device` and left there."""
     torch.manual_seed(seed)
-    scenes = scenes or (lambda rng: labelled_scene(rng, rng.choice(sizes)))
+    scenes = scenes or partial(_grid_scene, sizes=sizes)
     tower = model.vision_tower if hasattr(model, "vision_tower") else model.model.vision_model
     image_processor = processor.image_processor
-    dim = tower_features(model, image_processor.preprocess([Image.new("RGB", (8, 8))])).shape[-1]
-    heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, n) for k, n in labels.items()})
+    model.to(device)
+    probe = image_processor.preprocess([Image.new("RGB", (8, 8))]).to(device)
+    dim = tower_features(model, probe).shape[-1]
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(dim, n) for k, n in labels.items()}).to(device)
     projector = getattr(model, "multi_modal_projector", torch.nn.Identity())
     optimizer = torch.optim.AdamW(
         [*tower.parameters(), *projector.parameters(), *heads.parameters()], lr=lr, weight_decay=0.01
     )
-    accuracy: dict[str, float] = {}
-    for _ in range(steps):
-        images, truth = zip(*(scenes(rng) for _ in range(batch_size)), strict=True)
-        features = tower_features(model, image_processor.preprocess(list(images)))  # (B, patches, C)
+    loader = torch.utils.data.DataLoader(
+        SceneBatches(scenes, image_processor.preprocess, batch_size, seed),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    batches = iter(loader)
+    weights = {k: w.to(device) for k, w in class_weights(batches, labels).items()}
+    recent: dict[str, list[float]] = defaultdict(list)
+    for step in range(steps):
+        pixel_values, truth = next(batches)
+        features = tower_features(model, pixel_values.to(device, non_blocking=True))  # (B, patches, C)
         loss = 0.0
         for name, head in heads.items():
             logits = head(features)
-            target = torch.stack([lab[name] for lab in truth])
-            loss = loss + torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
-            accuracy[name] = float((logits.argmax(-1) == target).float().mean())
+            target = truth[name].to(device)
+            loss = loss + torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), target.flatten(), weight=weights[name]
+            )
+            if step >= steps - 20 or (log_every and (step + 1) % log_every == 0):
+                recent[name] = [*recent[name][-19:], balanced_accuracy(logits.detach(), target)]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    return accuracy
+        if log_every and (step + 1) % log_every == 0:
+            shown = {k: round(v[-1], 3) for k, v in recent.items()}
+            print(
+                f"stage 1 step {step + 1}: loss {float(loss.detach()):.3f} balanced accuracy {shown}",
+                flush=True,
+            )
+    del batches
+    return {k: sum(v[-20:]) / len(v[-20:]) for k, v in recent.items()}
+
+
+def _grid_scene(rng: random.Random, sizes: tuple[int, ...]) -> tuple[Image.Image, dict[str, torch.Tensor]]:
+    return labelled_scene(rng, rng.choice(sizes))
 
 
 def accuracy(
@@ -194,16 +266,31 @@ def dataset(
     seed: int,
     sizes: tuple[int, ...] = RENDER_SIZES,
     kinds: tuple[str, ...] | None = None,
+    workers: int = 0,
 ) -> Path:
     """A training set of the world (sizes: the grid world's picture sizes; the free-form world picks its
-    own)."""
+    own), drawn by `workers` processes."""
+    started = time.perf_counter()
     if world == "freeform":
-        return freeform.write_dataset(folder, rows, family=family, seed=seed, kinds=kinds)
-    return write_dataset(folder, rows, family=family, seed=seed, sizes=sizes, kinds=kinds)
+        path = freeform.write_dataset(folder, rows, family=family, seed=seed, kinds=kinds, workers=workers)
+    else:
+        path = write_dataset(
+            folder, rows, family=family, seed=seed, sizes=sizes, kinds=kinds, workers=workers
+        )
+    print(f"{rows} rows drawn into {folder} in {time.perf_counter() - started:.0f} s", flush=True)
+    return path
 
 
 def start_model(
-    base: Path, family: str, world: str, *, tower_steps: int, seed: int, sizes: tuple[int, ...]
+    base: Path,
+    family: str,
+    world: str,
+    *,
+    tower_steps: int,
+    seed: int,
+    sizes: tuple[int, ...],
+    device: str = "cpu",
+    workers: int = 0,
 ) -> None:
     """The untrained model of the world in base/: tokenizer, configs, processor files, and (stage 1) weights
     with a vision tower that has learned what each patch holds."""
@@ -211,6 +298,8 @@ def start_model(
     from vlmkit.weights import read_config_file
 
     base.mkdir(parents=True, exist_ok=True)
+    if (base / "model.safetensors").is_file():
+        return  # stage 1 is done: its tokenizer and configs are there with it
     stage1: dict[str, Any] = {}
     if world == "freeform":
         size, patch = FREEFORM_IMAGE_SIZE, FREEFORM_PATCH
@@ -218,18 +307,30 @@ def start_model(
         write_configs(base, family, ids, image_size=size, patch=patch, pad=True)
         fit = "pad" if family == "vipllava" else "squash"  # how each family's processor makes pictures square
         stage1 = {
-            "scenes": lambda rng: freeform.labelled_scene(rng, size, patch, fit),
+            "scenes": partial(freeform.labelled_scene, size=size, patch=patch, fit=fit),
             "labels": freeform.patch_labels(size // patch),
         }
     else:
         write_configs(base, family, build_tokenizer(base, family))
-    if not (base / "model.safetensors").is_file():
-        model = init_model(read_config_file(base / "config.json"), seed=seed)
-        tower_accuracy = pretrain_tower(
-            model, load_processor(base), steps=tower_steps, seed=seed, sizes=sizes, **stage1
-        )
-        print(f"stage 1: vision tower per-patch accuracy {json.dumps(tower_accuracy)}", flush=True)
-        model.save_pretrained(base)
+    model = init_model(read_config_file(base / "config.json"), seed=seed)
+    started = time.perf_counter()
+    tower_accuracy = pretrain_tower(
+        model,
+        load_processor(base),
+        steps=tower_steps,
+        seed=seed,
+        sizes=sizes,
+        device=device,
+        workers=workers,
+        log_every=max(1, tower_steps // 10),
+        **stage1,
+    )
+    print(
+        f"stage 1 ({time.perf_counter() - started:.0f} s): vision tower per-patch balanced accuracy "
+        f"{json.dumps({k: round(v, 4) for k, v in tower_accuracy.items()})}",
+        flush=True,
+    )
+    model.to("cpu").save_pretrained(base)
 
 
 def build(
@@ -248,6 +349,8 @@ def build(
     render_sizes: tuple[int, ...] = RENDER_SIZES,
     polish_steps: int = 2000,
     world: str = "grid",
+    device: str = "cpu",
+    workers: int = 0,
 ) -> dict[str, float]:
     """Train a demo model into out/run/final, polished into out/run-polish/final (and install it as the built-in one); returns the held-out
     accuracy per question type (eval_rows each) of what was installed, else of out/run/final.
@@ -257,13 +360,23 @@ def build(
     checkpoint on the questions, the tower at a tenth of the text model's rate. (Trained from random init at
     the text model's rate, the tower collapses to image-independent features before the text model learns
     to read them; frozen after stage 1, its shape features are too faint for the text model to pick up.)
-    world: "grid" or "freeform" (WORLDS)."""
+    world: "grid" or "freeform" (WORLDS). device: where stage 1 trains (stages 2 and 3 train where
+    `finetune` does: CUDA when there is one); workers: processes drawing pictures."""
     if world not in WORLDS:
         raise ValueError(f"world must be one of {WORLDS}, got {world!r}")
     out = Path(out)
     base = out / "base"
-    start_model(base, family, world, tower_steps=tower_steps, seed=seed, sizes=render_sizes)
-    data = dataset(world, out / "data", rows, family=family, seed=seed, sizes=render_sizes)
+    start_model(
+        base,
+        family,
+        world,
+        tower_steps=tower_steps,
+        seed=seed,
+        sizes=render_sizes,
+        device=device,
+        workers=workers,
+    )
+    data = dataset(world, out / "data", rows, family=family, seed=seed, sizes=render_sizes, workers=workers)
     torch.manual_seed(seed)
     train_stage(
         data, base, out / "run", steps=steps, batch_size=batch_size, lr=lr, vision_lr=vision_lr, seed=seed
@@ -276,6 +389,7 @@ def build(
         render_sizes=render_sizes,
         batch_size=batch_size,
         world=world,
+        workers=workers,
     )
     if install_as_builtin:
         final = install(final, family)
@@ -293,6 +407,7 @@ def polish(
     render_sizes: tuple[int, ...] = RENDER_SIZES,
     batch_size: int = 16,
     world: str = "grid",
+    workers: int = 0,
 ) -> Path:
     """Stage 3: `steps` more at a third of the rate from out/run/final on fresh questions weighted toward
     the types a small model learns last (POLISH_MIX); returns the final folder (out/run/final when steps
@@ -307,6 +422,7 @@ def polish(
         seed=seed + 1,
         sizes=render_sizes,
         kinds=POLISH_MIX[family],
+        workers=workers,
     )
     train_stage(
         data,
@@ -399,6 +515,8 @@ def main() -> None:
         default="grid",
         help="grid: shapes in 3 x 3 cells; freeform: shapes anywhere, scored on the separately drawn held-out set",
     )
+    ap.add_argument("--device", default="cpu", help="where stage 1 trains (finetune picks CUDA when present)")
+    ap.add_argument("--workers", type=int, default=0, help="processes drawing the training pictures")
     args = ap.parse_args()
     scores = build(
         args.out,
@@ -414,6 +532,8 @@ def main() -> None:
         render_sizes=args.render_sizes,
         polish_steps=args.polish_steps,
         world=args.world,
+        device=args.device,
+        workers=args.workers,
     )
     print(json.dumps({"family": args.family, "held_out_accuracy": scores}))
 

@@ -685,10 +685,13 @@ def write_dataset(
     seed: int = 0,
     name: str = "train.jsonl",
     kinds: tuple[str, ...] | None = None,
+    workers: int = 0,
 ) -> Path:
     """rows questions of the free-form world as `vlmkit.demo.shapes.write_dataset` writes them (JSONL in
     the LLaVA conversation format + PNGs at the pictures' own sizes); returns the JSONL path."""
-    return write_rows(folder, rows, family=family, seed=seed, name=name, kinds=kinds, make=make_example)
+    return write_rows(
+        folder, rows, family=family, seed=seed, name=name, kinds=kinds, make=make_example, workers=workers
+    )
 
 
 def corpus() -> list[str]:

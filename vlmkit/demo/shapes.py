@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
 import random
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -32,6 +35,7 @@ COLORS = {
 PROMPT_COLORS = ("red", "lime", "blue", "yellow", "fuchsia", "aqua")
 ARROW_COLORS = ("lime", "fuchsia", "aqua")  # an arrow's head sits on its shape: no colour a shape has
 NUMBERS = ("zero", "one", "two", "three", "four")
+CHUNK_ROWS = 250  # rows drawn from one seeded generator by `write_dataset`
 QUESTION_TYPES = {
     "vipllava": ("box_shape", "arrow_color", "count", "caption"),
     "idefics": ("count", "caption", "which_image"),
@@ -250,21 +254,59 @@ def write_dataset(
     sizes: tuple[int, ...] | None = None,
     kinds: tuple[str, ...] | None = None,
     make: Callable[[random.Random, str], Example] | None = None,
+    workers: int = 0,
 ) -> Path:
     """rows questions, the question types of `family` in turn (or `kinds` in turn: repeat a type to weight
     it), as JSONL + PNGs; returns the JSONL path. sizes: draw each picture at one of these sizes, picked at
     random (default: `size`), so that a model sees pictures resized to its input as users send them.
-    make: another world's example maker, make(rng, kind), which picks its own picture sizes."""
+    make: another world's example maker, make(rng, kind), which picks its own picture sizes. Rows are drawn
+    in chunks of CHUNK_ROWS, each from its own seeded generator, so `workers` processes give the same
+    files as one."""
     if family not in QUESTION_TYPES:
         raise ValueError(f"family must be one of {sorted(QUESTION_TYPES)}, got {family!r}")
     if kinds is not None and not (kinds and set(kinds) <= set(QUESTION_TYPES[family])):
         raise ValueError(f"kinds for {family} must be among {QUESTION_TYPES[family]}, got {kinds}")
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    kinds = kinds or QUESTION_TYPES[family]
+    job = partial(
+        _write_rows,
+        folder=folder,
+        rows=rows,
+        seed=seed,
+        size=size,
+        name=name,
+        sizes=sizes,
+        kinds=kinds or QUESTION_TYPES[family],
+        make=make,
+    )
+    chunks = range(0, rows, CHUNK_ROWS)
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            parts = list(pool.map(job, chunks))
+    else:
+        parts = [job(start) for start in chunks]
+    lines = [line for part in parts for line in part]
+    path = folder / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _write_rows(
+    start: int,
+    *,
+    folder: Path,
+    rows: int,
+    seed: int,
+    size: int,
+    name: str,
+    sizes: tuple[int, ...] | None,
+    kinds: tuple[str, ...],
+    make: Callable[[random.Random, str], Example] | None,
+) -> list[str]:
+    """Rows start .. start + CHUNK_ROWS of `write_dataset` (their PNGs written); their JSONL lines."""
+    rng = random.Random(seed * 1_000_003 + start // CHUNK_ROWS)
     lines = []
-    for i in range(rows):
+    for i in range(start, min(rows, start + CHUNK_ROWS)):
         kind = kinds[i % len(kinds)]
         if make is not None:
             example = make(rng, kind)
@@ -288,9 +330,7 @@ def write_dataset(
                 }
             )
         )
-    path = folder / name
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return lines
 
 
 def main() -> None:
