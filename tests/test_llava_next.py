@@ -451,7 +451,10 @@ def test_bad_inputs_raise_clear_errors(checkpoint):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_engine_batches_pictures_of_different_sizes_with_both_caches(checkpoint):
+@pytest.mark.parametrize("together", [False, True], ids=["arriving", "joining-together"])
+def test_engine_batches_pictures_of_different_sizes_with_both_caches(checkpoint, together):
+    """Requests arriving while the engine runs, or all queued before it starts (the first three then run as
+    one prefill of pictures with different tile counts, padded on the right)."""
     _, _, _, vlm = checkpoint
     jobs = [
         ("Describe the picture.", PICTURES[:1]),
@@ -467,7 +470,9 @@ def test_engine_batches_pictures_of_different_sizes_with_both_caches(checkpoint)
         for (p, ims), n in zip(jobs, lengths, strict=True)
     ]
     texts = [""] * len(jobs)
-    engine = Engine(vlm.model, vlm.tokenizer, max_batch=3, max_seq_len=320, prefix_block=8).start()
+    engine = Engine(vlm.model, vlm.tokenizer, max_batch=3, max_seq_len=320, prefix_block=8)
+    if not together:
+        engine.start()
     try:
         requests = []
         for i, ((p, ims), n) in enumerate(zip(jobs, lengths, strict=True)):
@@ -479,6 +484,8 @@ def test_engine_batches_pictures_of_different_sizes_with_both_caches(checkpoint)
                 Request(inputs=vlm.inputs(p, ims), params=SamplingParams(max_tokens=n), emit=emit)
             )
             engine.submit(requests[-1])
+        if together:
+            engine.start()
         assert all(r.done.wait(60) for r in requests)
     finally:
         engine.stop(10)
