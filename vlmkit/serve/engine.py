@@ -7,14 +7,15 @@ execute -> update in one thread, with its parts in their own modules:
   data, which a model split over processes (tensor parallel) runs on every process at once;
 - `CacheManager` (cache.py, held by the executor): every row's keys/values, the prefix cache of prompt and
   answer blocks (hash chained over tokens and the pictures they depend on), the feature cache;
-- the runner (the model): `plan`, `encode`, `prompt_images`, `prefill`, `decode`, and its `row_store` of
-  per-row family state;
+- the runner (the model): `plan`, `encode`, `prompt_images`, `batch_images`, `prefill`, `decode`, and its
+  `row_store` of per-row family state;
 - the output stage (output.py): sampling, stop strings, detokenization.
 
 Every running sequence owns one row of the cache: its prompt sits in slots 0..L-1 and each step writes its
 new token at its own next slot, so rows of any length decode together in one forward with a per-row mask
-and per-row rotary positions. A joining request's prompt runs alone, straight into a free row, after the
-blocks the prefix cache already holds. Callers get their events through a callback.
+and per-row rotary positions. The prompts that join in one round and start with no cached block run as one
+prefill (padded on the right), each straight into its free row; a prompt that starts with blocks the prefix
+cache holds runs alone, after them. Callers get their events through a callback.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from vlmkit.tokenizer import IncrementalDecoder
 __all__ = ["Engine", "EngineConfig", "Event", "PrefixCache", "QueueFull", "Request", "SamplingParams"]
 
 log = logging.getLogger("vlmkit.serve")
-RUNNER_METHODS = ("plan", "encode", "prompt_images", "prefill", "decode", "row_store")
+RUNNER_METHODS = ("plan", "encode", "prompt_images", "batch_images", "prefill", "decode", "row_store")
 
 
 @dataclass
