@@ -23,10 +23,12 @@ from vlmkit.quant import (
     GROUP_SIZES,
     QuantConfig,
     QuantLinear,
+    cpu_int4_block_rows,
     dequantize,
     pack_int4,
     quantize_int4,
     quantize_int8,
+    unpack_cpu_int4,
     unpack_int4,
 )
 from vlmkit.serve.engine import Engine, Request, SamplingParams
@@ -131,13 +133,24 @@ def test_quantized_linear_equals_the_dequantized_matmul(scheme, n, monkeypatch):
         assert (layer(x[:, :3]) - want).abs().max() < 2e-2 * want.abs().max()
 
 
+def test_int4_cpu_block_is_found_on_this_cpu():
+    """The packing's block of rows is what the CPU's kernels use (64 with AVX-512, 32 with AVX2), and a
+    weight of exactly one block round-trips through it."""
+    block = cpu_int4_block_rows()
+    expected = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability())
+    assert block == expected or expected is None
+    q = torch.randint(0, 16, (block, 64), dtype=torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    assert torch.equal(unpack_cpu_int4(packed.reshape(block, -1), block), q)
+
+
 def test_int4_cpu_layout_is_read_back_for_every_row_count():
     """`dequantize` reads PyTorch's int4 packing by a documented layout; this pins it to the op itself."""
     for n in (16, 64, 100, 192, 320):
         layer = QuantLinear.from_weight(weights(n=n, k=64), None, QuantConfig("int4", 32))
         plain = layer.dequantize()
         layer.to_cpu_kernels()
-        assert layer.qweight.shape[0] % 64 == 0 and torch.equal(layer.dequantize(), plain)
+        assert layer.qweight.shape[0] % cpu_int4_block_rows() == 0 and torch.equal(layer.dequantize(), plain)
         half = layer.dequantize(torch.bfloat16)  # the faster 16-bit path a prefill takes
         assert half.dtype == torch.bfloat16 and (half.float() - plain).abs().max() <= plain.abs().max() / 64
 

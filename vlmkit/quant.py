@@ -44,7 +44,37 @@ FORMAT_VERSION = 1
 SCALE_DTYPE = torch.bfloat16
 ROW_CHUNK = 2048  # rows quantized at a time: bounds the fp32 scratch for a vocab-sized LM head
 DENSE_ROWS = (8, 16, 32, 64, 128, 256, 512)  # the row counts `dense_rows` tries
-CPU_INT4_ROWS = 64  # the int4 CPU packing's block of output rows: pad to it, slice the output
+
+
+@functools.cache
+def cpu_int4_block_rows() -> int:
+    """Output rows per block of PyTorch's int4 CPU packing on this CPU: 64 with AVX-512, 32 with AVX2. In a
+    block of B rows, input column k holds B/2 bytes, byte j carrying row j in its low nibble and row j + B/2
+    in its high one. Found by packing a probe whose rows hold 1 + row // 16, then checked in full."""
+    n, k = 128, 32
+    rows = torch.arange(n)
+    probe = (1 + rows // 16)[:, None].expand(n, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.to(torch.int32).contiguous(), 1)
+    block = 32 * (int(packed.reshape(-1)[0]) >> 4) - 32
+    if block not in (16, 32, 64, 128) or not torch.equal(
+        unpack_cpu_int4(packed.reshape(n, -1), block), probe
+    ):
+        raise RuntimeError(
+            "PyTorch's int4 CPU packing has a layout vlmkit does not know on this machine; load without "
+            "--quantize int4 (or with int8)"
+        )
+    return block
+
+
+def unpack_cpu_int4(packed: torch.Tensor, block: int) -> torch.Tensor:
+    """The int4 CPU packing (rows padded to whole blocks of `block`, K/2 bytes per row) -> (N, K) uint8."""
+    n_pad, k = packed.shape[0], packed.shape[1] * 2
+    half = block // 2
+    blocks = packed.reshape(n_pad // block, k, half).transpose(1, 2).contiguous()  # (blocks, B/2, K)
+    q = torch.empty(n_pad // block, 2, half, k, dtype=torch.uint8)  # rows in order
+    torch.bitwise_and(blocks, 0xF, out=q[:, 0])
+    torch.bitwise_right_shift(blocks, 4, out=q[:, 1])
+    return q.view(n_pad, k)
 
 
 @dataclass(frozen=True)
@@ -322,25 +352,19 @@ class QuantLinear(nn.Module):
             return self.qweight.to(dtype).mul_(self.scales.to(dtype)[:, None])
         if self.layout == "plain":
             return dequantize(self.scheme, self.qweight, self.scales, self.zeros, dtype=dtype)
-        n_pad, k = self.qweight.shape[0], self.in_features
-        half = CPU_INT4_ROWS // 2
-        # (blocks, K, 32) bytes -> (blocks, 32, K): see `to_cpu_kernels`
-        blocks = self.qweight.view(n_pad // CPU_INT4_ROWS, k, half).transpose(1, 2).contiguous()
-        q = torch.empty(n_pad // CPU_INT4_ROWS, 2, half, k, dtype=torch.uint8)  # rows in order
-        torch.bitwise_and(blocks, 0xF, out=q[:, 0])
-        torch.bitwise_right_shift(blocks, 4, out=q[:, 1])
+        q = unpack_cpu_int4(self.qweight, cpu_int4_block_rows())  # see `to_cpu_kernels`
         scale, zero = self.scales.permute(2, 1, 0).float()  # (N, K/g) each
-        return int4_weight(q.view(n_pad, k), scale, zero, dtype)[: self.out_features]
+        return int4_weight(q, scale, zero, dtype)[: self.out_features]
 
     def to_cpu_kernels(self) -> None:
         """Re-lay the weight for PyTorch's packed CPU kernels (once; inference only). The int4 packing
-        (PyTorch 2.13) takes blocks of 64 output rows; in each block, input column k holds 32 bytes, byte j
-        carrying row j in its low nibble and row j + 32 in its high one. Rows are padded to whole blocks
-        so that `dequantize` can read the layout back (tests check it against the packing op)."""
+        (PyTorch 2.13) takes blocks of output rows whose size depends on the CPU (`cpu_int4_block_rows`).
+        Rows are padded to whole blocks so that `dequantize` can read the layout back (tests check it
+        against the packing op)."""
         if self.layout == "cpu" or self.qweight.device.type != "cpu":
             return
         if self.scheme == "int4":
-            pad = -self.out_features % CPU_INT4_ROWS
+            pad = -self.out_features % cpu_int4_block_rows()
             q = unpack_int4(self.qweight)
             scale_zero = torch.stack([self.scales, self.zeros], dim=-1)  # (N, K/g, 2)
             if pad:
