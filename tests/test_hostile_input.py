@@ -383,10 +383,10 @@ def test_a_request_whose_token_choice_fails_ends_alone(demo, monkeypatch):
 
     real_take = engine_module.take
 
-    def take(row, logits, end):
+    def take(row, logits, end, token=None):
         if row.request.id == "doomed" and row.generated == 3:
             raise RuntimeError("a bug in one row's sampling")
-        real_take(row, logits, end)
+        real_take(row, logits, end, token)
 
     monkeypatch.setattr(engine_module, "take", take)
     engine = Engine(demo.model, demo.tokenizer, max_batch=4, max_seq_len=256).start()

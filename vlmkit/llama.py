@@ -190,8 +190,10 @@ class LlamaAttention(nn.Module):
         cache = self.kv_cache if ctx.caches is None else ctx.caches[self]
         if cache is not None:
             k, v = cache.update(k, v, ctx.at)  # (B, Hkv, S, D)
-        y = attention(q, k, v, mask=ctx.mask, is_causal=True)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        y = attention(q, k, v, mask=ctx.mask, is_causal=True).transpose(1, 2)  # (B, T, H, D)
+        if ctx.keep is not None:  # only these positions go on (their keys and values are all written)
+            y, T = keep_positions(y, ctx.keep), 1
+        return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -205,7 +207,8 @@ class LlamaDecoderLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, ctx: DecoderContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        h = self.self_attn(self.input_layernorm(x), ctx)
+        x = (x if ctx.keep is None else keep_positions(x, ctx.keep)) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -231,8 +234,11 @@ class LlamaModel(nn.Module):
         kv_caches: dict[nn.Module, Any] | None = None,
         at: CacheSlots | None = None,
         state: Any = None,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """inputs_embeds (B, T, C) -> final hidden states (B, T, C).
+        """inputs_embeds (B, T, C) -> final hidden states (B, T, C), or (B, 1, C) at each row's position
+        `last` (B,) when given (a prefill that needs only the last logits: the final layer then runs its
+        output projection and MLP on those positions alone, after writing every position's keys and values).
 
         Without a KV cache, the T tokens are the whole sequence. With one (`setup_cache`), `input_pos` (T,)
         gives their slots in the cache, `attention_mask` (B, S') covers every key written so far and
@@ -256,8 +262,13 @@ class LlamaModel(nn.Module):
         )
         ctx.state = state
         x = inputs_embeds
-        for layer in self.decoder_layers():
+        layers = self.decoder_layers()
+        for i, layer in enumerate(layers):
+            if last is not None and i == len(layers) - 1 and isinstance(layer, LlamaDecoderLayer):
+                ctx.keep = last.to(x.device)
             x = run_layer(layer, x, ctx)
+        if last is not None and ctx.keep is None:  # a final layer of another kind ran on every position
+            x = keep_positions(x, last.to(x.device))
         return self.norm(x)
 
     def decoder_layers(self) -> list[Any]:
@@ -311,6 +322,12 @@ class DecoderContext:
     at: CacheSlots  # where the T tokens go in the cache
     caches: dict[nn.Module, Any] | None = None  # per attention module, in place of its kv_cache
     state: Any = None  # read by a family's composed layers
+    keep: torch.Tensor | None = None  # (B,) the one position per row a final layer computes past attention
+
+
+def keep_positions(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) at position keep[b] of each row b -> (B, 1, ...)."""
+    return x[torch.arange(x.shape[0], device=x.device), keep][:, None]
 
 
 def decoder_context(

@@ -153,9 +153,9 @@ class CacheSlots:
     """Where one forward writes its keys/values and how much of the cache attention reads, passed per call.
 
     input_pos (T,): the slots of the T tokens, the same for every row; key_len: the slots attention reads
-    (None: all). A cache that serves rows of different lengths (the server's) also reads `row` (a one-row
-    prompt written into that row only), `rows` (B,) (a batch of prompts, each written into its own row) or
-    `slots` (n,) (each row's own slot for a one-token step)."""
+    (None: all). A cache that serves rows of different lengths (the server's) also reads `row` (B prompts
+    written into the B rows from that one on), `rows` (B,) (a batch of prompts, each written into its own
+    row, in any order) or `slots` (n,) (each row's own slot for a one-token step)."""
 
     input_pos: torch.Tensor
     key_len: int | None = None

@@ -57,6 +57,13 @@ def last_positions(hidden: torch.Tensor, last: torch.Tensor | None) -> torch.Ten
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
 
 
+def final_positions(ids: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """Each row's last real position (B,) of prompt ids (B, T): `last`, or T - 1 in every row when None."""
+    if last is not None:
+        return last
+    return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+
+
 def content_key(pixels: torch.Tensor, meta: dict[str, Any] | None = None) -> str:
     """SHA-256 of preprocessed pixels (and their metadata): equal pictures share features."""
     h = hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes())
@@ -229,8 +236,9 @@ class InlineImagesRunner(RunnerMixin):
             position_ids=position_ids,
             at=at,
             kv_caches=kv_caches,
+            last=final_positions(ids, last),
         )
-        return self.head(last_positions(hidden, last)), None
+        return self.head(hidden[:, -1]), None
 
 
 def generation_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,15 @@ from vlmkit.idefics.cross_attention import CrossContext, CrossRows, FusionLayer,
 from vlmkit.idefics.perceiver import PerceiverResampler
 from vlmkit.llama import LlamaModel, causal_lm_loss, check_text_inputs
 from vlmkit.modules import CacheSlots, CausalLMOutput
-from vlmkit.runner import DecoderSession, ImageItem, PromptPlan, RunnerMixin, content_key, last_positions
+from vlmkit.runner import (
+    DecoderSession,
+    ImageItem,
+    PromptPlan,
+    RunnerMixin,
+    content_key,
+    final_positions,
+    last_positions,
+)
 from vlmkit.weights import SavePretrainedMixin
 
 # Published checkpoints and transformers 5 saves use the same names as our modules.
@@ -415,12 +423,13 @@ class IdeficsModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module)
             at=at,
             kv_caches=kv_caches,
             state=cross,
+            last=final_positions(ids, last),
         )
         step = None
         if cross is not None:
             end = iam[:, -1:] if last is None else last_positions(iam, last)[:, None]
             step = self.cross_context(states, end, kv=cross.kv)
-        return self.lm_head(last_positions(hidden, last)), step
+        return self.lm_head(hidden[:, -1]), step
 
     def row_store(self, max_batch: int) -> CrossRows:
         return CrossRows(max_batch)

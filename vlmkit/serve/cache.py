@@ -37,9 +37,10 @@ class RowKVCache(torch.nn.Module):
         return self.k.shape[2]
 
     def update(self, k: torch.Tensor, v: torch.Tensor, at: CacheSlots) -> tuple[torch.Tensor, torch.Tensor]:
-        """A prompt (1, Hkv, T, D) goes into row `at.row` at `at.input_pos`, a batch of prompts (B, Hkv, T, D)
-        into rows `at.rows` (B,) at `at.input_pos`; a decode step (n, Hkv, 1, D) into rows 0..n-1, each at
-        its own slot `at.slots[i]`."""
+        """Prompts (B, Hkv, T, D) go into the B rows from `at.row` on, at the T consecutive slots from
+        `at.input_pos[0]` (in place, read back as views), or into rows `at.rows` (B,) (any rows, at the slots
+        `at.input_pos`: read back as copies); a decode step (n, Hkv, 1, D) into rows 0..n-1, each at its own
+        slot `at.slots[i]`."""
         if at.rows is not None:
             where = (at.rows[:, None], slice(None), at.input_pos[None, :])
             self.k[where] = k.transpose(1, 2)  # (B, T, Hkv, D): the indexed dimensions come first
@@ -48,9 +49,10 @@ class RowKVCache(torch.nn.Module):
             return keys, self.v[:, :, : at.key_len].index_select(0, at.rows)
         r = at.row
         if r is not None:
-            self.k[r].index_copy_(1, at.input_pos, k[0])
-            self.v[r].index_copy_(1, at.input_pos, v[0])
-            return self.k[r : r + 1, :, : at.key_len], self.v[r : r + 1, :, : at.key_len]
+            end, start = r + k.shape[0], int(at.input_pos[0])
+            self.k[r:end, :, start : start + k.shape[2]].copy_(k)
+            self.v[r:end, :, start : start + k.shape[2]].copy_(v)
+            return self.k[r:end, :, : at.key_len], self.v[r:end, :, : at.key_len]
         if at.slots is None:
             raise ValueError("a row-wise cache needs the row of a prompt or the slots of a decode step")
         n = k.shape[0]

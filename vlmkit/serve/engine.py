@@ -44,7 +44,7 @@ from vlmkit.serve.errors import (
     RequestTimeout,
 )
 from vlmkit.serve.executor import Executor
-from vlmkit.serve.output import Event, Row, take
+from vlmkit.serve.output import Event, Row, greedy_choices, take
 from vlmkit.serve.scheduler import Scheduler
 from vlmkit.structured import Constraint, Guide, check_constraint
 from vlmkit.tokenizer import IncrementalDecoder
@@ -227,6 +227,7 @@ class Engine:
         jobs = [(key, r.params.n) for r, key, _ in planned]
         results = self.executor.call("run_prompts", jobs, self.scheduler.running)
         at = self.scheduler.running  # where the executor put the next prompt that ran
+        firsts: list[tuple[Row, torch.Tensor]] = []  # each new row and its prompt's last logits (V,)
         for (r, key, prompt), result in zip(planned, results, strict=True):
             if isinstance(result, Exception):
                 self.executor.call("forget", key)
@@ -244,8 +245,9 @@ class Engine:
                 self._finish_request(r, "error", e)
                 continue
             self.scheduler.rows.extend(rows)
-            for row in rows:
-                self._take(row, logits[0])
+            firsts += [(row, logits[0]) for row in rows]
+        if firsts:
+            self._take_all([row for row, _ in firsts], torch.stack([lg for _, lg in firsts]))
 
     def _rows(self, request: Request, key: int, prompt: Prompt, vocab: int) -> list[Row]:
         """The request's rows, one per choice, for its prompt that ran into the next free cache rows
@@ -302,6 +304,7 @@ class Engine:
         logits = self.executor.call("decode", [r.pending for r in rows], [r.length for r in rows])
         self.steps += 1
         now = time.monotonic()
+        live = []
         for i, row in enumerate(rows):
             row.length += 1
             row.pending = None
@@ -312,13 +315,22 @@ class Engine:
             elif row.request.deadline is not None and now > row.request.deadline:
                 self._end_row(row, "error", RequestTimeout("the request timed out"))
             else:
-                self._take(row, logits[i])
+                live.append(i)
+        if live:
+            self._take_all([rows[i] for i in live], logits[live] if len(live) < len(rows) else logits)
 
-    def _take(self, row: Row, logits: torch.Tensor) -> None:
+    def _take_all(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Each row's next token from its logits (n, V): the plain greedy rows' in one argmax."""
+        tokens = greedy_choices(rows, logits)
+        for row, lg, token in zip(rows, logits, tokens, strict=True):
+            if not row.finished:  # its request failed at an earlier row
+                self._take(row, lg, token)
+
+    def _take(self, row: Row, logits: torch.Tensor, token: int | None = None) -> None:
         """The row's next token (`take`); a failure there (its settings, its grammar, its tokens) ends that
         row's request with an error and leaves the other rows running."""
         try:
-            take(row, logits, self._end_row)
+            take(row, logits, self._end_row, token)
         except Exception as e:
             log.error("request %s: choosing its next token failed: %r", row.request.id or "-", e)
             error = (

@@ -170,13 +170,18 @@ class Executor:
             lengths,
         )
         pos = torch.arange(T, device=device)
+        at = (  # consecutive rows (each prompt makes one choice) are written in place
+            CacheSlots(pos, key_len=T, row=rows[0])
+            if rows == list(range(rows[0], rows[0] + len(rows)))
+            else CacheSlots(pos, key_len=T, rows=torch.tensor(rows, device=device))
+        )
         with self.lora_rows([self.prompt_adapters.get(key) for key, _ in jobs]):
             logits, state = self.model.prefill(
                 ids,
                 images=images,
                 attention_mask=None,
                 position_ids=pos[None],
-                at=CacheSlots(pos, key_len=T, rows=torch.tensor(rows, device=device)),
+                at=at,
                 kv_caches=self.cache.map,
                 last=torch.tensor(lengths, device=device) - 1,
             )

@@ -70,6 +70,36 @@ def choose(row: Row, logits: torch.Tensor) -> tuple[int, torch.Tensor]:
     return int(sample(scores, row.config, row.generator)[0]), scores
 
 
+def plain_greedy(row: Row) -> bool:
+    """Whether the row's next token is the argmax of its raw logits: greedy, with no grammar, no
+    log-probabilities and no setting that changes the scores at this step."""
+    c = row.config
+    return (
+        not c.sampling
+        and row.guide is None
+        and row.logprobs is None
+        and c.repetition_penalty == 1.0
+        and not c.bad_words_ids
+        and not c.logit_bias
+        and not ((c.presence_penalty or c.frequency_penalty) and row.generated)
+        and not (row.generated < c.min_new_tokens and c.eos_token_id)
+    )
+
+
+def greedy_choices(rows: list[Row], logits: torch.Tensor) -> list[int | None]:
+    """The next token of every `plain_greedy` row from the rows' logits (n, V), in one argmax for them all;
+    None for the other rows, and for a row whose best score is not finite (NaN, +inf: `choose` settles
+    those)."""
+    plain = [i for i, row in enumerate(rows) if plain_greedy(row)]
+    tokens: list[int | None] = [None] * len(rows)
+    if not plain:
+        return tokens
+    best, index = logits[plain].float().max(-1)
+    for i, ok, token in zip(plain, torch.isfinite(best).tolist(), index.tolist(), strict=True):
+        tokens[i] = token if ok else None
+    return tokens
+
+
 def token_logprob(row: Row, token: int, scores: torch.Tensor) -> TokenLogprob:
     """log_softmax of the scores the token was drawn from, for it and the row's `logprobs` best tokens."""
     logprobs = torch.log_softmax(scores[0], dim=-1)
@@ -89,10 +119,13 @@ def emit(row: Row, text: str = "", reason: str | None = None) -> None:
     row.held = []
 
 
-def take(row: Row, logits: torch.Tensor, end: Callable[[Row, str], None]) -> None:
-    """Choose the row's next token, emit its text, and end the row (`end(row, reason)`) or leave the token
-    pending (it runs through the model at the next step)."""
-    token, scores = choose(row, logits)
+def take(row: Row, logits: torch.Tensor, end: Callable[[Row, str], None], token: int | None = None) -> None:
+    """Choose the row's next token (or take `token`, chosen already by `greedy_choices`), emit its text, and
+    end the row (`end(row, reason)`) or leave the token pending (it runs through the model at the next
+    step)."""
+    scores = None
+    if token is None:
+        token, scores = choose(row, logits)
     req = row.request
     if req.first_token_at is None:
         req.first_token_at = time.monotonic()
@@ -103,7 +136,7 @@ def take(row: Row, logits: torch.Tensor, end: Callable[[Row, str], None]) -> Non
         return
     if row.guide is not None:
         row.guide.advance(token)  # and start its next mask, computed while the model runs the next step
-    if row.logprobs is not None:
+    if row.logprobs is not None and scores is not None:
         row.held.append(token_logprob(row, token, scores))
     row.sequence = torch.cat([row.sequence, row.sequence.new_tensor([[token]])], 1)
     delta = row.decoder.push(token)
