@@ -7,6 +7,7 @@ import torch
 from oracle import hf_llava_config, hf_llava_model, llava_inputs, tokens_per_image
 
 import vlmkit
+from vlmkit import fastpath
 from vlmkit.fastpath import FusedLinears, column_major_reads_faster, dense, optimize_for_cpu_inference
 
 
@@ -173,10 +174,12 @@ def test_cpu_layouts_keep_outputs_and_step_aside(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in hf_state_in_our_names(hf).items())
 
 
+@pytest.mark.parametrize("transposed", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 64, 65, 300])
-def test_dense_equals_linear_for_every_batch_size(rows):
-    """The small-batch kernel (weight @ x.T) gives F.linear's result, for 3-d inputs, with a bias, and falls
-    back to F.linear for column-major weights and with gradients."""
+def test_dense_equals_linear_for_every_batch_size(rows, transposed, monkeypatch):
+    """The small-batch kernel (weight @ x.T), chosen or not for the shape, gives F.linear's result, for 3-d
+    inputs, with a bias, and falls back to F.linear for column-major weights and with gradients."""
+    monkeypatch.setitem(fastpath.TRANSPOSED_FASTER, (80, 48, torch.float32), transposed)
     torch.manual_seed(rows)
     x, w, b = torch.randn(1, rows, 48), torch.randn(80, 48), torch.randn(80)
     ref = torch.nn.functional.linear(x, w, b)
@@ -188,6 +191,24 @@ def test_dense_equals_linear_for_every_batch_size(rows):
     g = torch.randn(80, 48, requires_grad=True)
     dense(x, g).sum().backward()  # gradients flow (F.linear)
     assert g.grad is not None
+
+
+def test_small_batch_kernel_is_measured_per_shape(monkeypatch):
+    """Each row-major weight shape gets a measured choice of kernel once; column-major, integer and
+    already measured weights are left alone."""
+    monkeypatch.setattr(fastpath, "TRANSPOSED_FASTER", {(8, 4, torch.float32): True})
+    fastpath.measure_small_batches(
+        [
+            torch.randn(96, 32),
+            torch.randn(96, 32),  # the same shape: measured once
+            torch.randn(32, 96).t(),  # column-major
+            torch.ones(8, 4, dtype=torch.int8),
+            torch.randn(8, 4),  # noted already
+        ]
+    )
+    assert set(fastpath.TRANSPOSED_FASTER) == {(96, 32, torch.float32), (8, 4, torch.float32)}
+    assert fastpath.TRANSPOSED_FASTER[(8, 4, torch.float32)] is True
+    assert isinstance(fastpath.TRANSPOSED_FASTER[(96, 32, torch.float32)], bool)
 
 
 def test_batched_layout_keeps_outputs_and_switches_back(tmp_path):

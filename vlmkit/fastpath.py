@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from torch import nn
 from vlmkit.quant import QuantLinear, project
 
 SMALL_BATCH_ROWS = range(2, 65)
+# (out, in, dtype) of a row-major weight -> whether `weight @ x.T` beat `x @ weight.T` for a few rows on this
+# CPU (`measure_small_batches`); a shape not measured takes F.linear
+TRANSPOSED_FASTER: dict[tuple[int, int, torch.dtype], bool] = {}
 
 # module method -> the linear layers it applies to the same input
 FUSIBLE = {"project_qkv": ("q_proj", "k_proj", "v_proj"), "project_gate_up": ("gate_proj", "up_proj")}
@@ -33,9 +37,10 @@ FUSIBLE = {"project_qkv": ("q_proj", "k_proj", "v_proj"), "project_gate_up": ("g
 def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), with the kernel chosen for a few activation rows on the CPU.
 
-    Between 2 and 64 rows (a batched decode step) and a row-major weight, `weight @ x.T` runs 1.5-3x faster
-    than `x @ weight.T` on a 2-core Zen 3 (MKL's small-M path is slow there); one row, long prompts,
-    column-major weights and anything that needs gradients take F.linear.
+    Between 2 and 64 rows (a batched decode step, a short prompt) and a row-major weight whose shape
+    `measure_small_batches` found faster that way on this CPU, the product runs as `weight @ x.T` (1.5-3x
+    faster than `x @ weight.T` on one 2-core Zen 3, whose MKL small-M path was slow; slower on another
+    EPYC); everything else, and anything that needs gradients, takes F.linear.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (
@@ -43,6 +48,7 @@ def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = Non
         and x.device.type == "cpu"
         and weight.is_contiguous()
         and not torch.is_grad_enabled()
+        and TRANSPOSED_FASTER.get((weight.shape[0], weight.shape[1], weight.dtype), False)
     ):
         y = torch.mm(weight, x.reshape(rows, -1).t()).t()
         if bias is not None:
@@ -139,14 +145,45 @@ def column_major_reads_faster(dtype: torch.dtype) -> bool:
         return best(cols) < best(rows)
 
 
+def measure_small_batches(weights: list[torch.Tensor], rows: tuple[int, ...] = (4, 16, 48)) -> None:
+    """Time both kernels of `dense` on each new shape (out, in, dtype) among the row-major CPU `weights`, for
+    a few activation rows (`rows`, best of two after a warm-up), and note in TRANSPOSED_FASTER whether
+    `weight @ x.T` took less time in all. Once per shape and process: a few ms for a small model, about a
+    second for the seven distinct shapes of a 7B one."""
+    import time
+
+    def best(fn: Callable[[], object]) -> float:
+        fn()
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    with torch.no_grad():
+        for w in weights:
+            key = (w.shape[0], w.shape[1], w.dtype)
+            usable = w.device.type == "cpu" and w.dim() == 2 and w.is_floating_point() and w.is_contiguous()
+            if key in TRANSPOSED_FASTER or not usable:
+                continue
+            plain = transposed = 0.0
+            for n in rows:
+                x = torch.full((n, w.shape[1]), 0.01, dtype=w.dtype)
+                plain += best(lambda x=x, w=w: F.linear(x, w))
+                transposed += best(lambda x=x, w=w: torch.mm(w, x.t()).t().contiguous())
+            TRANSPOSED_FASTER[key] = transposed < plain
+
+
 def optimize_for_cpu_inference(model: nn.Module, *, batched: bool = False) -> None:
     """Relay the model's projections to the CPU kernels and lay its weights out for decoding.
 
     For one sequence (one activation row per matrix), the fused and other wide projections (out > in, the
     LM head among them) are stored column-major when that reads faster on this CPU in the model's dtype
     (`column_major_reads_faster`), and narrow ones (down, o) stay row-major. For batched decoding
-    (`batched`, a server's 2-64 rows per step) every weight is row-major, which `dense` multiplies fastest.
-    Calling it again switches between the two."""
+    (`batched`, a server's 2-64 rows per step) every weight is row-major, and `dense` multiplies each shape
+    with the kernel measured fastest for a few rows (`measure_small_batches`). Calling it again switches
+    between the two layouts."""
     floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
     columns = not batched and bool(floating) and column_major_reads_faster(floating[0])
     fused: set[int] = set()
@@ -171,3 +208,6 @@ def optimize_for_cpu_inference(model: nn.Module, *, batched: bool = False) -> No
                 module.weight.data = w.data.contiguous()
             elif w.shape[0] > w.shape[1] and w.is_contiguous():
                 module.weight.data = w.data.t().contiguous().t()
+    products = [f.weight for m in model.modules() for f in vars(m).values() if isinstance(f, FusedLinears)]
+    products += [m.weight for m in model.modules() if type(m) is DenseLinear]
+    measure_small_batches(products)  # which kernel `dense` uses for a few rows of each row-major weight
