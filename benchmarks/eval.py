@@ -4,10 +4,12 @@ loop with transformers' `generate`, on the same demo model, task and questions, 
 The task is VQAv2 (its published layout, written from the shapes world: the 200 counting questions the demo
 model's known accuracy is measured on); both sides build each prompt with vlmkit's processor through the
 checkpoint's chat template (tensors equal to transformers' processor's), answer greedily with the same
-budget and end tokens, and are scored with the same VQA metric. Samples/s counts answering only (the model
-is loaded before the clock starts on both sides).
+budget and end tokens, and are scored with the same VQA metric. Samples/s counts reading the pictures,
+answering and scoring: the model is loaded before the clock starts on both sides, and each side first answers
+the first `--warmup` questions untimed (the first calls of a process pay for kernel set-up and template
+compilation; `--warmup 0` times a cold start).
 
-    .venv/bin/python benchmarks/eval.py [--n 200] [--batch-size 16] [--threads 2]
+    .venv/bin/python benchmarks/eval.py [--n 200] [--batch-size 16] [--threads 2] [--warmup 16]
 """
 
 from __future__ import annotations
@@ -42,30 +44,37 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def transformers_loop(data: Path) -> tuple[float, list[str]]:
-    """Seconds to answer every question one at a time with transformers' generate, and the answers."""
+def transformers_loop(data: Path, warmup: int) -> tuple[float, list[str], dict]:
+    """Seconds to answer and score every question one at a time with transformers' generate (after
+    answering the first `warmup` untimed), the answers and the scores."""
     from transformers import VipLlavaForConditionalGeneration
 
     folder = builtin_model("demo")
     model = VipLlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     vlm = VLM.load("demo")  # its processor only: the same prompts and pixels as vlmkit's side
     eos = stop_token_ids(vlm.tokenizer, family_of(vlm.model))
-    samples = get_task("vqav2").samples(data)
-    answers = []
-    start = time.perf_counter()
+    task = get_task("vqav2")
+    samples = task.samples(data)
+
+    def answer(s: object) -> str:
+        inputs = vlm.chat_inputs(messages_for(s, PROMPT, []))
+        out = model.generate(
+            **inputs,
+            max_new_tokens=BUDGET,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=vlm.tokenizer.pad_token_id,
+        )
+        new = out[0, inputs["input_ids"].shape[1] :]
+        return vlm.tokenizer.decode(new.tolist(), skip_special_tokens=True).strip()
+
     with torch.inference_mode():
-        for s in samples:
-            inputs = vlm.chat_inputs(messages_for(s, PROMPT, []))
-            out = model.generate(
-                **inputs,
-                max_new_tokens=BUDGET,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=vlm.tokenizer.pad_token_id,
-            )
-            new = out[0, inputs["input_ids"].shape[1] :]
-            answers.append(vlm.tokenizer.decode(new.tolist(), skip_special_tokens=True).strip())
-    return time.perf_counter() - start, answers
+        for s in samples[:warmup]:
+            answer(s)
+        start = time.perf_counter()
+        answers = [answer(s) for s in task.samples(data)]
+        scores, _ = task.score(samples, answers)
+    return time.perf_counter() - start, answers, scores
 
 
 def main() -> None:
@@ -73,6 +82,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="questions (the known counting questions of the demo)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=16, help="questions each side answers before the clock")
     ap.add_argument("--output", type=Path, default=Path("build/bench/eval.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,17 +90,26 @@ def main() -> None:
         data = Path(tmp) / "vqav2"
         write_vqav2(data, known_examples("vipllava", "count", 200)[: args.n])
         vlm = VLM.load("demo")  # as `vlmkit eval` loads it
+        if args.warmup:
+            evaluate(
+                "vqav2",
+                data,
+                vlm,
+                prompt=PROMPT,
+                limit=args.warmup,
+                batch_size=args.batch_size,
+                progress=False,
+            )
         start = time.perf_counter()
         ours = evaluate("vqav2", data, vlm, prompt=PROMPT, batch_size=args.batch_size, progress=False)
         ours_s = time.perf_counter() - start
-        theirs_s, theirs = transformers_loop(data)
-        samples = get_task("vqav2").samples(data)
-        theirs_scores, _ = get_task("vqav2").score(samples, theirs)
+        theirs_s, theirs, theirs_scores = transformers_loop(data, args.warmup)
     same = sum(r["output"] == t for r, t in zip(ours.samples, theirs, strict=True))
     result = {
         "cpu": cpu_name(),
         "threads": args.threads,
         "questions": args.n,
+        "warmup": args.warmup,
         "vlmkit": {"batch_size": args.batch_size, "seconds": ours_s, "samples_per_s": args.n / ours_s,
                    "accuracy": ours.scores["accuracy"]},
         "transformers": {"batch_size": 1, "seconds": theirs_s, "samples_per_s": args.n / theirs_s,
@@ -99,7 +118,8 @@ def main() -> None:
         "same_answers": same,
     }  # fmt: skip
     print(
-        f"{result['cpu']}, {args.threads} threads, {args.n} VQAv2-layout questions, demo (ViP-LLaVA)\n"
+        f"{result['cpu']}, {args.threads} threads, {args.n} VQAv2-layout questions, demo (ViP-LLaVA), "
+        f"{args.warmup} answered first untimed\n"
         f"  vlmkit eval, batch {args.batch_size}: {result['vlmkit']['samples_per_s']:.1f} samples/s "
         f"(accuracy {ours.scores['accuracy']:.1f})\n"
         f"  transformers, one at a time: {result['transformers']['samples_per_s']:.1f} samples/s "

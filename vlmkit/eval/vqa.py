@@ -5,6 +5,7 @@ human answers left out in turn, min(#other humans who gave the answer / 3, 1), a
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -79,6 +80,7 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+@functools.lru_cache(maxsize=2**16)  # the same human answers recur across questions ("yes", "2")
 def normalize_answer(text: str) -> str:
     """An answer as the VQA evaluation compares it: "Two dogs." -> "2 dogs", "the cat" -> "cat",
     "isnt" -> "isn't"."""
