@@ -113,6 +113,25 @@ def test_answers_do_not_depend_on_the_batch(vip, count_data):
     assert one.scores == many.scores
 
 
+def test_answers_stop_where_the_context_ends(vip, count_data):
+    """The engine's rows hold max_seq_len tokens (by default the model's context): an answer budget that
+    does not fit after the prompt is cut to what does (finish "length"), and a prompt that fills the rows
+    alone is an error of its own."""
+    assert vip.model.config.text_config.max_position_embeddings == 512
+    ok = evaluate("vqav2", count_data, vip, prompt="{question}", limit=4, max_new_tokens=600, progress=False)
+    assert all(r["finish_reason"] == "stop" for r in ok.samples)  # the default: the model's 512 tokens
+    prompt_tokens = 24  # "<s>###Human: " + 9 picture tokens + the question + "###Assistant:"
+    cut = evaluate(
+        "vqav2", count_data, vip, prompt="{question}", limit=4, max_seq_len=prompt_tokens + 1, progress=False
+    )
+    assert [r["finish_reason"] for r in cut.samples] == ["length"] * 4  # one token of room
+    assert [r["output"] for r in cut.samples] == [r["output"] for r in ok.samples]  # a one-token answer
+    refused = evaluate(
+        "vqav2", count_data, vip, prompt="{question}", limit=2, max_seq_len=prompt_tokens, progress=False
+    )
+    assert all(r["finish_reason"] == "error" and "exceeds" in r["error"] for r in refused.samples)
+
+
 def test_limit_and_resume(vip, count_data, tmp_path, monkeypatch):
     out = tmp_path / "results.json"
     full = evaluate("vqav2", count_data, vip, prompt="{question}", limit=30, output=out, progress=False)

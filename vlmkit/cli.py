@@ -625,7 +625,11 @@ def eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge-model", help="ViP-Bench: the judge model's name")
     p.add_argument("--dtype", help="float32, bfloat16, float16 (default: the checkpoint's)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cpu)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="prompt + answer tokens per request")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        help="prompt + answer tokens per request (default: the model's context, at most 2048)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     quantize_arguments(p)

@@ -91,13 +91,15 @@ class VLM:
         """Processor outputs for a prompt with `<image>` markers where the images go (none: images first)."""
         family = family_of(self.processor)
         out = family.prompt_inputs(self.processor, prompt, list(images or []), allow_remote=allow_remote)
-        return {k: v.to(self.device) for k, v in out.items()}
+        device = self.device
+        return {k: v.to(device) for k, v in out.items()}
 
     def chat_inputs(self, messages: list[dict[str, Any]], *, allow_remote: bool = False) -> dict:
         out = self.processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, allow_remote=allow_remote
         )
-        return {k: v.to(self.device) for k, v in out.items()}
+        device = self.device
+        return {k: v.to(device) for k, v in out.items()}
 
     def _settings(self, sampling: dict[str, Any]) -> dict[str, Any]:
         """Defaults for people: a longer budget, and the family's end-of-turn tokens also end a reply; the

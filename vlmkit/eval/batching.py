@@ -4,6 +4,7 @@ they finish. `vlmkit eval` and the lmms-eval entry both answer through this."""
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,14 +30,18 @@ class Answer:
 
 
 def engine_answers(
-    vlm: Any, jobs: Iterable[Job], *, batch_size: int = 16, max_seq_len: int = 2048
+    vlm: Any, jobs: Iterable[Job], *, batch_size: int = 16, max_seq_len: int | None = None
 ) -> Iterator[Answer]:
     """Answers of `jobs` as they finish (not in order). A job whose inputs cannot be built (a broken picture)
-    or that the engine refuses (a prompt over max_seq_len) answers "" with finish_reason "error"; an engine
-    that breaks raises. Greedy requests get the answer the model gives each alone."""
+    or that the engine refuses (a prompt of max_seq_len tokens or more; None: the model's context, at most
+    2048) answers "" with finish_reason "error"; an answer stops where max_seq_len ends. An engine that
+    breaks raises. Greedy requests get the answer the model gives each alone."""
     from vlmkit.serve.engine import Engine, Request
     from vlmkit.serve.errors import EngineError
 
+    if max_seq_len is None:  # the row cache holds batch_size x max_seq_len tokens: no more than can be used
+        text = getattr(vlm.model.config, "text_config", vlm.model.config)
+        max_seq_len = min(2048, getattr(text, "max_position_embeddings", None) or 2048)
     ahead = 2 * batch_size  # requests waiting for a row: enough to refill rows as they free up
     engine = Engine(
         vlm.model, vlm.tokenizer, max_batch=batch_size, max_seq_len=max_seq_len, max_queue=ahead + batch_size
@@ -63,7 +68,12 @@ def engine_answers(
                         finished.put((n, event.finish_reason, event.error))
 
                 try:
-                    engine.submit(Request(inputs=job.inputs(), params=job.params, emit=emit, id=str(job.key)))
+                    inputs = job.inputs()
+                    room = max_seq_len - int(inputs["input_ids"].shape[-1])
+                    params = job.params
+                    if 0 < room < params.max_tokens:  # the answer stops where the context ends
+                        params = dataclasses.replace(params, max_tokens=room)
+                    engine.submit(Request(inputs=inputs, params=params, emit=emit, id=str(job.key)))
                 except (ValueError, TypeError, OSError, EngineError) as e:
                     texts.pop(n)
                     yield Answer(job.key, "", "error", str(e))

@@ -155,7 +155,7 @@ def evaluate(
     quantize: str | None = None,
     group_size: int | None = None,
     quantize_parts: tuple[str, ...] | list[str] = (),
-    max_seq_len: int = 2048,
+    max_seq_len: int | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """Evaluate `model` (a checkpoint folder, hub id, built-in demo name, or a loaded `vlmkit.VLM`) on `task`
@@ -295,7 +295,7 @@ def answer_all(
     template: str,
     budget: int,
     batch_size: int,
-    max_seq_len: int,
+    max_seq_len: int | None,
     records: list[dict[str, Any] | None],
     save: Callable[[dict[str, Any] | None], None],
     progress: bool,
