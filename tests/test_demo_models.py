@@ -44,6 +44,23 @@ def test_fresh_samples_are_answered(demo):
     assert right / 200 >= 0.9, f"{right}/200 right; wrong by type: {dict(wrong)}"
 
 
+def test_accuracy_answers_in_batches_as_one_at_a_time(demo):
+    """`build.accuracy` answers through the batching engine: its per-type scores equal those of asking
+    each question alone with `chat`."""
+    from vlmkit.demo.build import accuracy
+
+    family, vlm = demo
+    rng = random.Random(12345)  # accuracy's own seed: the same questions
+    right, seen = Counter(), Counter()
+    for kind in QUESTION_TYPES[family]:
+        for _ in range(6):
+            ex = make_example(rng, kind, IMAGE_SIZE)
+            answer = vlm.chat([user_turn(ex.question, ex.images)], max_new_tokens=24).strip()
+            right[kind] += answer == ex.answer
+            seen[kind] += 1
+    assert accuracy(builtin_model(NAMES[family]), family, n=6) == {k: right[k] / seen[k] for k in seen}
+
+
 def test_handmade_held_out_set(demo):
     """Hand-placed scenes at 288 px, prompts in the picture's own coordinates, through the CLI function."""
     family, _ = demo

@@ -237,9 +237,11 @@ def _grid_scene(rng: random.Random, sizes: tuple[int, ...]) -> tuple[Image.Image
 def accuracy(
     model_dir: Path | str, family: str, n: int = 200, seed: int = 12345, *, world: str = "grid", **load: Any
 ) -> dict[str, float]:
-    """Greedy answers to n freshly generated questions per type, exact match; `load` goes to VLM.load
-    (quantize=...). world="freeform": the held-out set drawn by `vlmkit.demo.heldout`, not by the training
-    generator."""
+    """Greedy answers to n freshly generated questions per type, exact match, answered 16 at a time by the
+    continuous-batching engine; `load` goes to VLM.load (quantize=...). world="freeform": the held-out set
+    drawn by `vlmkit.demo.heldout`, not by the training generator."""
+    from vlmkit.eval.batching import Job, engine_answers
+    from vlmkit.serve.engine import SamplingParams
     from vlmkit.vlm import VLM, user_turn
 
     vlm = VLM.load(model_dir, **load)
@@ -248,12 +250,20 @@ def accuracy(
     else:
         rng = random.Random(seed)
         questions = (make_example(rng, kind, IMAGE_SIZE) for kind in QUESTION_TYPES[family] for _ in range(n))
+    jobs = (
+        Job(
+            key=(ex.kind, ex.answer),
+            inputs=partial(vlm.chat_inputs, [user_turn(ex.question, ex.images)]),
+            params=SamplingParams(max_tokens=24),
+        )
+        for ex in questions
+    )
     right: Counter = Counter()
     seen: defaultdict = defaultdict(int)
-    for ex in questions:
-        answer = vlm.chat([user_turn(ex.question, ex.images)], max_new_tokens=24)
-        right[ex.kind] += answer.strip() == ex.answer
-        seen[ex.kind] += 1
+    for a in engine_answers(vlm, jobs, batch_size=16):
+        kind, expected = a.key
+        right[kind] += a.text.strip() == expected
+        seen[kind] += 1
     return {k: right[k] / seen[k] for k in seen}
 
 
