@@ -2,14 +2,14 @@
 loop with transformers' `generate`, on the same demo model, task and questions, in one run.
 
 The task is VQAv2 (its published layout, written from the shapes world: the 200 counting questions the demo
-model's known accuracy is measured on); both sides build each prompt with vlmkit's processor through the
+model's known accuracy is measured on), for the ViP-LLaVA demo or the IDEFICS one (`--family`); both sides build each prompt with vlmkit's processor through the
 checkpoint's chat template (tensors equal to transformers' processor's), answer greedily with the same
 budget and end tokens, and are scored with the same VQA metric. Samples/s counts reading the pictures,
 answering and scoring: the model is loaded before the clock starts on both sides, and each side first answers
 the first `--warmup` questions untimed (the first calls of a process pay for kernel set-up and template
 compilation; `--warmup 0` times a cold start).
 
-    .venv/bin/python benchmarks/eval.py [--n 200] [--batch-size 16] [--threads 2] [--warmup 16]
+    .venv/bin/python benchmarks/eval.py [--family vipllava|idefics] [--n 200] [--batch-size 16] [--threads 2]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from vlmkit.vlm import VLM
 
 PROMPT = "{question}"  # the demo model was trained on the bare question
 BUDGET = 32  # the VQA tasks' answer budget
+NAMES = {"vipllava": "demo", "idefics": "demo-idefics"}
 
 
 def cpu_name() -> str:
@@ -44,14 +45,18 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def transformers_loop(data: Path, warmup: int) -> tuple[float, list[str], dict]:
+def transformers_loop(data: Path, warmup: int, family: str) -> tuple[float, list[str], dict]:
     """Seconds to answer and score every question one at a time with transformers' generate (after
     answering the first `warmup` untimed), the answers and the scores."""
-    from transformers import VipLlavaForConditionalGeneration
+    from transformers import IdeficsForVisionText2Text, VipLlavaForConditionalGeneration
 
-    folder = builtin_model("demo")
-    model = VipLlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    vlm = VLM.load("demo")  # its processor only: the same prompts and pixels as vlmkit's side
+    classes = {"vipllava": VipLlavaForConditionalGeneration, "idefics": IdeficsForVisionText2Text}
+    folder = builtin_model(NAMES[family])
+    # transformers' IDEFICS cannot initialise "normal" alphas (torch.normal with an int size) before it loads
+    # the checkpoint's own values over them
+    init = {"alpha_initializer": "zeros"} if family == "idefics" else {}
+    model = classes[family].from_pretrained(folder, dtype=torch.float32, **init).eval()
+    vlm = VLM.load(NAMES[family])  # its processor only: the same prompts and pixels as vlmkit's side
     eos = stop_token_ids(vlm.tokenizer, family_of(vlm.model))
     task = get_task("vqav2")
     samples = task.samples(data)
@@ -79,6 +84,7 @@ def transformers_loop(data: Path, warmup: int) -> tuple[float, list[str], dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=sorted(NAMES), default="vipllava")
     ap.add_argument("--n", type=int, default=200, help="questions (the known counting questions of the demo)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
@@ -88,8 +94,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "vqav2"
-        write_vqav2(data, known_examples("vipllava", "count", 200)[: args.n])
-        vlm = VLM.load("demo")  # as `vlmkit eval` loads it
+        write_vqav2(data, known_examples(args.family, "count", 200)[: args.n])
+        vlm = VLM.load(NAMES[args.family])  # as `vlmkit eval` loads it
         if args.warmup:
             evaluate(
                 "vqav2",
@@ -103,10 +109,11 @@ def main() -> None:
         start = time.perf_counter()
         ours = evaluate("vqav2", data, vlm, prompt=PROMPT, batch_size=args.batch_size, progress=False)
         ours_s = time.perf_counter() - start
-        theirs_s, theirs, theirs_scores = transformers_loop(data, args.warmup)
+        theirs_s, theirs, theirs_scores = transformers_loop(data, args.warmup, args.family)
     same = sum(r["output"] == t for r, t in zip(ours.samples, theirs, strict=True))
     result = {
         "cpu": cpu_name(),
+        "model": NAMES[args.family],
         "threads": args.threads,
         "questions": args.n,
         "warmup": args.warmup,
@@ -118,7 +125,7 @@ def main() -> None:
         "same_answers": same,
     }  # fmt: skip
     print(
-        f"{result['cpu']}, {args.threads} threads, {args.n} VQAv2-layout questions, demo (ViP-LLaVA), "
+        f"{result['cpu']}, {args.threads} threads, {args.n} VQAv2-layout questions, {NAMES[args.family]}, "
         f"{args.warmup} answered first untimed\n"
         f"  vlmkit eval, batch {args.batch_size}: {result['vlmkit']['samples_per_s']:.1f} samples/s "
         f"(accuracy {ours.scores['accuracy']:.1f})\n"
