@@ -341,6 +341,57 @@ def test_requests_that_join_together_run_in_one_prefill(vlm, monkeypatch):
         assert [e.finish_reason for e in ev if e.finish_reason] == ["length"] * n
 
 
+def test_prompts_after_cached_blocks_join_one_prefill(vlm, monkeypatch):
+    """Prompts that start with blocks the prefix cache holds (of different lengths) and one that starts with
+    none join one prefill, each after its own blocks at its own positions; every answer equals the request
+    run alone."""
+    pic = picture(40)  # (answers whose text has no broken byte-fallback run: see IncrementalDecoder)
+    first = ("Describe this picture in detail.", [pic])
+    group = [
+        ("Describe this picture in detail, please.", [pic]),  # most of the first prompt's blocks
+        ("Describe this.", [pic]),  # fewer of them
+        ("Describe this.", [picture(50)]),  # another picture: nothing cached
+        ("Describe this picture in detail.", [pic]),  # all but the block of its last token
+    ]
+    want = [vlm.generate(text, images=ims, max_new_tokens=5) for text, ims in group]
+    batches = []
+    prefill = type(vlm.model).prefill
+
+    def counting(self, ids, **kw):
+        batches.append(ids.shape[0])
+        return prefill(self, ids, **kw)
+
+    engine = Engine(vlm.model, vlm.tokenizer, max_batch=4, max_seq_len=128, prefix_block=4).start()
+    try:
+        # the first prompt holds every row while the group queues, and leaves its blocks in the cache
+        texts = [""] * 4
+        blocker = Request(
+            inputs=vlm.inputs(*first),
+            params=SamplingParams(max_tokens=12, n=4),
+            emit=lambda ev: None,
+        )
+        engine.submit(blocker)
+        monkeypatch.setattr(type(vlm.model), "prefill", counting)
+        requests = []
+        for i, (text, ims) in enumerate(group):
+
+            def emit(ev, i=i):
+                if ev.finish_reason is None:
+                    texts[i] += ev.text
+
+            requests.append(
+                Request(inputs=vlm.inputs(text, ims), params=SamplingParams(max_tokens=5), emit=emit)
+            )
+            engine.submit(requests[-1])
+        assert blocker.done.wait(60) and all(r.done.wait(60) for r in requests)
+    finally:
+        engine.stop(10)
+    assert batches[-1] == len(group) and len(batches) == 2  # the blocker's prefill, then the group's
+    cached = [r.cached_tokens for r in requests]
+    assert cached[0] > cached[1] > 0 and cached[2] == 0 and cached[3] >= cached[0]
+    assert texts == want
+
+
 def test_a_failing_joint_prefill_runs_each_prompt_alone(vlm, monkeypatch):
     """If the joint prefill fails, each prompt runs alone: a prompt that fails alone too ends its own request
     with the error, and the rows of the ones after it move up into its rows."""

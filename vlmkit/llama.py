@@ -364,6 +364,8 @@ def decoder_context(
         at = replace(at, key_len=at.key_len or cache.max_seq_len)
         # rows of a server's step sit at their own slots: the window ends at each row's, not at the last
         query = at.slots[:, None] if window is not None and at.slots is not None else at.input_pos
+        if at.starts is not None:  # prompts after cached blocks of different lengths: each row's own slots
+            query = at.starts[:, None] + at.input_pos[None, :]
         mask = causal_mask(attention_mask, query, at.key_len, window=window)
     elif attention_mask is not None and not bool(attention_mask.all()):
         mask = causal_mask(attention_mask, at.input_pos, T, window=window)

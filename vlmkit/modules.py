@@ -155,13 +155,15 @@ class CacheSlots:
     input_pos (T,): the slots of the T tokens, the same for every row; key_len: the slots attention reads
     (None: all). A cache that serves rows of different lengths (the server's) also reads `row` (B prompts
     written into the B rows from that one on), `rows` (B,) (a batch of prompts, each written into its own
-    row, in any order) or `slots` (n,) (each row's own slot for a one-token step)."""
+    row, in any order), `starts` (B,) with either (prompt b's tokens go at slots starts[b] + input_pos, after
+    the cached blocks already in its row) or `slots` (n,) (each row's own slot for a one-token step)."""
 
     input_pos: torch.Tensor
     key_len: int | None = None
     row: int | None = None
     slots: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    starts: torch.Tensor | None = None
 
 
 class KVCache(nn.Module):

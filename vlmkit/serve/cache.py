@@ -39,8 +39,22 @@ class RowKVCache(torch.nn.Module):
     def update(self, k: torch.Tensor, v: torch.Tensor, at: CacheSlots) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts (B, Hkv, T, D) go into the B rows from `at.row` on, at the T consecutive slots from
         `at.input_pos[0]` (in place, read back as views), or into rows `at.rows` (B,) (any rows, at the slots
-        `at.input_pos`: read back as copies); a decode step (n, Hkv, 1, D) into rows 0..n-1, each at its own
-        slot `at.slots[i]`."""
+        `at.input_pos`: read back as copies); with `at.starts` (B,), prompt b's tokens go at slots
+        starts[b] + input_pos of its row, after its cached blocks. A decode step (n, Hkv, 1, D) goes into
+        rows 0..n-1, each at its own slot `at.slots[i]`."""
+        if at.starts is not None:
+            first = at.row if at.row is not None else 0
+            rows = (
+                at.rows if at.rows is not None else torch.arange(first, first + k.shape[0], device=k.device)
+            )
+            slots = at.starts[:, None] + at.input_pos[None, :]  # (B, T)
+            self.k[rows[:, None], :, slots] = k.transpose(1, 2)  # (B, T, Hkv, D): indexed dimensions first
+            self.v[rows[:, None], :, slots] = v.transpose(1, 2)
+            if at.rows is None:
+                end = first + k.shape[0]
+                return self.k[first:end, :, : at.key_len], self.v[first:end, :, : at.key_len]
+            keys = self.k[:, :, : at.key_len].index_select(0, rows)
+            return keys, self.v[:, :, : at.key_len].index_select(0, rows)
         if at.rows is not None:
             where = (at.rows[:, None], slice(None), at.input_pos[None, :])
             self.k[where] = k.transpose(1, 2)  # (B, T, Hkv, D): the indexed dimensions come first

@@ -95,26 +95,20 @@ class Executor:
     ) -> list[tuple[torch.Tensor, int] | Exception]:
         """Run the joining prompts `jobs` ((key, n) each, in order) into the cache rows from `first` on, n rows
         each: a prompt's uncached part after its cached blocks, then copies of its row (and state) for its
-        further choices; keep their blocks. The prompts that start with no cached block run together in one
-        prefill, padded on the right; the others run alone, and so do all of them if that joint prefill
-        fails, so that a failure ends its own request only. Rows go to the prompts that ran, in order. Per
-        job: its last logits (1, V) and how many of its tokens came from the prefix cache, or the exception
-        that ended it."""
+        further choices; keep their blocks. They run together in one prefill, each after its own cached
+        blocks, padded on the right; if that fails, each runs alone, so that a failure ends its own request
+        only. Rows go to the prompts that ran, in order. Per job: its last logits (1, V) and how many of its
+        tokens came from the prefix cache, or the exception that ended it."""
         rows, row = [], first
         for _, n in jobs:
             rows.append(row)
             row += n
         results: list[Any] = [None] * len(jobs)
-        together = [i for i, (key, _) in enumerate(jobs) if not self.prompts[key].pinned]
-        if len(together) > 1:
+        if len(jobs) > 1:
             try:
-                logits = self._prefill_together([jobs[i] for i in together], [rows[i] for i in together])
-                for i, lg in zip(together, logits, strict=True):
-                    results[i] = (lg, 0)
+                results = self._prefill_together(jobs, rows)
             except Exception as e:  # noqa: BLE001 - each runs alone below, and its own failure is reported
-                log.debug(
-                    "a joint prefill of %d prompts failed (%r); running them one by one", len(together), e
-                )
+                log.debug("a joint prefill of %d prompts failed (%r); running them one by one", len(jobs), e)
         for i, (key, n) in enumerate(jobs):
             if results[i] is None:
                 try:
@@ -153,43 +147,61 @@ class Executor:
         self.cache.prefix.hit_tokens += start
         return logits, start
 
-    def _prefill_together(self, jobs: list[tuple[int, int]], rows: list[int]) -> list[torch.Tensor]:
-        """Whole prompts (none cached) in one prefill, ids padded on the right with their first token: each
-        real token sees only its own row's earlier tokens (causal), and each row's logits are read at its last
-        real token. Returns each prompt's last logits (1, V)."""
+    def _prefill_together(
+        self, jobs: list[tuple[int, int]], rows: list[int]
+    ) -> list[tuple[torch.Tensor, int]]:
+        """The prompts in one prefill, each after the cached blocks copied into its row: the rest of its ids,
+        padded on the right with their first token, at its own positions; each real token sees only its own
+        row's earlier tokens (causal), and each row's logits are read at its last real token. Returns each
+        prompt's last logits (1, V) and how many of its tokens came from the prefix cache."""
         prompts = [self.prompts[key] for key, _ in jobs]
-        lengths = [p.ids.shape[1] for p in prompts]
+        starts = [self.cache.load_prefix(row, p) for p, row in zip(prompts, rows, strict=True)]
+        lengths = [p.ids.shape[1] - start for p, start in zip(prompts, starts, strict=True)]
         T = max(lengths)
+        if max(starts) + T > self.cache.kv.shape[4]:  # the rows' slots
+            raise ValueError("padded to the longest rest, a prompt after a long cached start would not fit")
         device = prompts[0].ids.device
-        ids = torch.stack([torch.cat([p.ids[0], p.ids[0, :1].expand(T - p.ids.shape[1])]) for p in prompts])
+        ids = torch.stack(
+            [
+                torch.cat([p.ids[0, s:], p.ids[0, s : s + 1].expand(T - length)])
+                for p, s, length in zip(prompts, starts, lengths, strict=True)
+            ]
+        )
         images = self.model.batch_images(
             [
-                self.model.prompt_images(p.plan, 0, self.cache.needed_features(p, self.joining))
-                for p in prompts
+                self.model.prompt_images(p.plan, s, self.cache.needed_features(p, self.joining))
+                for p, s in zip(prompts, starts, strict=True)
             ],
             lengths,
         )
         pos = torch.arange(T, device=device)
-        at = (  # consecutive rows (each prompt makes one choice) are written in place
-            CacheSlots(pos, key_len=T, row=rows[0])
+        # consecutive rows (each prompt makes one choice) are written in place
+        where = (
+            {"row": rows[0]}
             if rows == list(range(rows[0], rows[0] + len(rows)))
-            else CacheSlots(pos, key_len=T, rows=torch.tensor(rows, device=device))
+            else {"rows": torch.tensor(rows, device=device)}
         )
+        if any(starts):
+            first = torch.tensor(starts, device=device)
+            at = CacheSlots(pos, key_len=max(starts) + T, starts=first, **where)
+            positions = first[:, None] + pos[None, :]
+        else:
+            at, positions = CacheSlots(pos, key_len=T, **where), pos[None]
         with self.lora_rows([self.prompt_adapters.get(key) for key, _ in jobs]):
             logits, state = self.model.prefill(
                 ids,
                 images=images,
                 attention_mask=None,
-                position_ids=pos[None],
+                position_ids=positions,
                 at=at,
                 kv_caches=self.cache.map,
                 last=torch.tensor(lengths, device=device) - 1,
             )
         for b, ((key, n), row) in enumerate(zip(jobs, rows, strict=True)):
-            self.cache.release(prompts[b])
             one = None if state is None else state.select(torch.tensor([b], device=device))
             self._settle(key, row, n, one)
-        return [logits[b : b + 1] for b in range(len(jobs))]
+        self.cache.prefix.hit_tokens += sum(starts)
+        return [(logits[b : b + 1], starts[b]) for b in range(len(jobs))]
 
     def _settle(self, key: int, row: int, n: int, state: Any) -> None:
         """After a prompt ran into `row`: its adapter, its n - 1 copies, its state, and its blocks kept."""
