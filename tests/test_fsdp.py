@@ -25,7 +25,7 @@ from test_finetune import ENV, cli, final_weights, write_dataset
 import vlmkit
 from vlmkit.cli import main as cli_main
 from vlmkit.train import fsdp
-from vlmkit.train.checkpoints import latest_checkpoint
+from vlmkit.train.checkpoints import CheckpointWriteError, latest_checkpoint
 from vlmkit.train.finetune import FinetuneConfig, finetune, merge_lora
 from vlmkit.train.fsdp import check_same_parts_run, export_checkpoint, shard_units
 
@@ -293,8 +293,12 @@ def test_a_failed_save_leaves_the_last_whole_checkpoint(tmp_path, monkeypatch):
         save(1)
         with monkeypatch.context() as m:  # the shards are written, then the disk fills up
             m.setattr(fsdp, "rng_state", disk_full)
-            with pytest.raises(OSError, match="No space"):
+            with pytest.raises(CheckpointWriteError) as e:
                 save(2)
+        assert str(e.value) == (
+            f"could not write checkpoint {tmp_path / 'checkpoint-2'}: No space left on device (the checkpoints "
+            "before it are intact)"
+        )
         assert (
             not (tmp_path / "checkpoint-2").exists()
             and latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
@@ -304,3 +308,68 @@ def test_a_failed_save_leaves_the_last_whole_checkpoint(tmp_path, monkeypatch):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2"]
     finally:
         dist.destroy_process_group()
+
+
+def _disk_full() -> dict:
+    raise OSError(28, "No space left on device")  # ENOSPC
+
+
+def _save_where_one_process_fails(rank: int, world: int, port: int, folder: str, results) -> None:
+    """A process of `test_a_save_that_fails_on_one_process_fails_on_all`."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+        groups = fsdp.shard_model(
+            model, [{"params": list(model.parameters())}], device=torch.device("cpu"), bf16=False
+        )
+        optimizer = torch.optim.AdamW(groups)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+        def save(step: int) -> None:
+            state = {"step": step, "losses": [1.0] * step}
+            fsdp.save_sharded(Path(folder) / f"checkpoint-{step}", model, optimizer, scheduler, state, None)
+
+        save(1)
+        if rank == 1:  # only this process finds the disk full, after its shards are written
+            fsdp.rng_state = _disk_full
+        try:
+            save(2)
+            results[rank] = "saved"
+        except CheckpointWriteError as e:
+            results[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_save_that_fails_on_one_process_fails_on_all(tmp_path):
+    """A write that fails on one process only (its disk is full) is agreed on: every process raises the
+    one-line error instead of waiting forever at a barrier for the one that failed, and the last whole
+    checkpoint is the one before."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    ctx = mp.spawn(
+        _save_where_one_process_fails, args=(2, port, str(tmp_path), results), nprocs=2, join=False
+    )
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        assert time.monotonic() < deadline, "a process is still waiting: the failure was not agreed on"
+    assert results[1] == (
+        f"could not write checkpoint {tmp_path / 'checkpoint-2'}: No space left on device (the checkpoints "
+        "before it are intact)"
+    )
+    assert results[0] == (
+        f"could not write checkpoint {tmp_path / 'checkpoint-2'}: another process could not write its part "
+        f"of {tmp_path / 'checkpoint-2'} (the checkpoints before it are intact)"
+    )
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]

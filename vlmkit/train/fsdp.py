@@ -31,7 +31,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from vlmkit.train.checkpoints import copy_processor_files, is_sharded, publish, restore_rng, rng_state
+from vlmkit.train.checkpoints import (
+    CheckpointWriteError,
+    copy_processor_files,
+    is_sharded,
+    publish,
+    restore_rng,
+    rng_state,
+)
 from vlmkit.train.data import Sample
 from vlmkit.weights import save_checkpoint as save_weights
 
@@ -141,24 +148,47 @@ def save_sharded(
     (torch.distributed.checkpoint) and its RNG state into a temporary folder beside `folder`; rank 0 adds
     the scheduler, `state` (step, losses, config) and the processor files, then, once all have written,
     fsyncs and renames the folder into place: a kill at any moment leaves the previous checkpoint whole.
-    Called by every process."""
+    A write that fails on any process (a full disk) makes every process raise `CheckpointWriteError`
+    (none is left waiting for the others), and the earlier checkpoints stay as they were. Called by every
+    process."""
     rank = dist.get_rank()
     tmp = folder.parent / f".{folder.name}.partial"  # one name every process knows
+    error: Exception | None = None
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=SHARDED)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
-    torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-    if rank == 0:
-        trainer = {"scheduler": scheduler.state_dict(), **state, "world_size": dist.get_world_size()}
-        torch.save(trainer, tmp / "trainer_state.pt")
-        copy_processor_files(processor_dir, tmp)
-    dist.barrier()
-    if rank == 0:
-        publish(tmp, folder)
-    dist.barrier()  # nobody reads `folder` (a resume, the next save) before it is in place
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            error = e
+    if not any_failed(error):
+        try:  # torch.distributed.checkpoint raises on every process when one fails
+            model_state, optimizer_state = get_state_dict(model, optimizer, options=SHARDED)
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+            torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+            if rank == 0:
+                trainer = {"scheduler": scheduler.state_dict(), **state, "world_size": dist.get_world_size()}
+                torch.save(trainer, tmp / "trainer_state.pt")
+                copy_processor_files(processor_dir, tmp)
+        except Exception as e:  # noqa: BLE001 - agreed on below, then raised on every process
+            error = e
+        if not any_failed(error) and rank == 0:
+            try:
+                publish(tmp, folder)
+            except OSError as e:
+                error = e
+    if any_failed(error):  # nobody reads `folder` (a resume, the next save) before this agreement either
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = error or OSError(f"another process could not write its part of {folder}")
+        raise CheckpointWriteError(folder, cause) from error
+
+
+def any_failed(error: BaseException | None) -> bool:
+    """Whether `error` is set on any process of the group (every process calls this at the same point)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    flag = torch.tensor([0 if error is None else 1], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def restore_sharded(
