@@ -398,21 +398,20 @@ def test_a_failing_joint_prefill_runs_each_prompt_alone(vlm, monkeypatch):
     from vlmkit.serve.executor import Executor
 
     want = [vlm.generate(text, images=ims, max_new_tokens=6) for text, ims, _ in JOINING]
-    alone = Executor._prefill_alone
+    prefill = Executor._prefill
     failing = {}
 
-    def together(self, jobs, rows):
-        raise RuntimeError("out of memory (simulated)")
-
-    def one(self, key, row, n):
+    def failing_prefill(self, jobs, rows):
+        if len(jobs) > 1:
+            raise RuntimeError("out of memory (simulated)")
+        ((key, _),) = jobs
         if not failing:
             failing["key"] = key + 2  # the third prompt: the one with two choices
         if key == failing["key"]:
             raise RuntimeError("this prompt fails (simulated)")
-        return alone(self, key, row, n)
+        return prefill(self, jobs, rows)
 
-    monkeypatch.setattr(Executor, "_prefill_together", together)
-    monkeypatch.setattr(Executor, "_prefill_alone", one)
+    monkeypatch.setattr(Executor, "_prefill", failing_prefill)
     engine = Engine(vlm.model, vlm.tokenizer, max_batch=8, max_seq_len=128)
     events = start_together(vlm, engine)
     for i, ((_, _, n), ev, w) in enumerate(zip(JOINING, events, want, strict=True)):

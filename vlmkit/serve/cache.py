@@ -42,23 +42,16 @@ class RowKVCache(torch.nn.Module):
         `at.input_pos`: read back as copies); with `at.starts` (B,), prompt b's tokens go at slots
         starts[b] + input_pos of its row, after its cached blocks. A decode step (n, Hkv, 1, D) goes into
         rows 0..n-1, each at its own slot `at.slots[i]`."""
-        if at.starts is not None:
-            first = at.row if at.row is not None else 0
-            rows = (
-                at.rows if at.rows is not None else torch.arange(first, first + k.shape[0], device=k.device)
-            )
-            slots = at.starts[:, None] + at.input_pos[None, :]  # (B, T)
-            self.k[rows[:, None], :, slots] = k.transpose(1, 2)  # (B, T, Hkv, D): indexed dimensions first
+        if at.rows is not None or at.starts is not None:
+            B = k.shape[0]
+            rows = at.rows if at.rows is not None else torch.arange(at.row, at.row + B, device=k.device)
+            slots = at.input_pos[None, :] if at.starts is None else at.starts[:, None] + at.input_pos[None, :]
+            # (B, T, Hkv, D): the indexed dimensions come first
+            self.k[rows[:, None], :, slots] = k.transpose(1, 2)
             self.v[rows[:, None], :, slots] = v.transpose(1, 2)
-            if at.rows is None:
-                end = first + k.shape[0]
-                return self.k[first:end, :, : at.key_len], self.v[first:end, :, : at.key_len]
-            keys = self.k[:, :, : at.key_len].index_select(0, rows)
-            return keys, self.v[:, :, : at.key_len].index_select(0, rows)
-        if at.rows is not None:
-            where = (at.rows[:, None], slice(None), at.input_pos[None, :])
-            self.k[where] = k.transpose(1, 2)  # (B, T, Hkv, D): the indexed dimensions come first
-            self.v[where] = v.transpose(1, 2)
+            if at.rows is None:  # consecutive rows: read back in place
+                here = slice(at.row, at.row + B)
+                return self.k[here, :, : at.key_len], self.v[here, :, : at.key_len]
             keys = self.k[:, :, : at.key_len].index_select(0, at.rows)
             return keys, self.v[:, :, : at.key_len].index_select(0, at.rows)
         r = at.row

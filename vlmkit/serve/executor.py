@@ -106,13 +106,13 @@ class Executor:
         results: list[Any] = [None] * len(jobs)
         if len(jobs) > 1:
             try:
-                results = self._prefill_together(jobs, rows)
+                results = self._prefill(jobs, rows)
             except Exception as e:  # noqa: BLE001 - each runs alone below, and its own failure is reported
                 log.debug("a joint prefill of %d prompts failed (%r); running them one by one", len(jobs), e)
         for i, (key, n) in enumerate(jobs):
             if results[i] is None:
                 try:
-                    results[i] = self._prefill_alone(key, rows[i], n)
+                    results[i] = self._prefill([(key, n)], [rows[i]])[0]
                 except Exception as e:  # noqa: BLE001 - returned: it ends that request alone
                     results[i] = e
         moves, row = [], first  # rows of the prompts that failed are given to the ones after them
@@ -125,35 +125,12 @@ class Executor:
         self.compact(moves)
         return results
 
-    def _prefill_alone(self, key: int, row: int, n: int) -> tuple[torch.Tensor, int]:
-        """Prompt `key`'s uncached part into row `row` after its cached blocks, then its n - 1 copies."""
-        prompt = self.prompts[key]
-        ids, L = prompt.ids, prompt.ids.shape[1]
-        start = self.cache.load_prefix(row, prompt)
-        features = self.cache.needed_features(prompt, self.joining)
-        images = self.model.prompt_images(prompt.plan, start, features)
-        pos = torch.arange(start, L, device=ids.device)
-        lora = self.prompt_adapters.get(key)
-        with self.lora_rows([lora]):
-            logits, state = self.model.prefill(
-                ids[:, start:],
-                images=images,
-                attention_mask=None,
-                position_ids=pos[None],
-                at=CacheSlots(pos, key_len=L, row=row),
-                kv_caches=self.cache.map,
-            )
-        self._settle(key, row, n, state)
-        self.cache.prefix.hit_tokens += start
-        return logits, start
-
-    def _prefill_together(
-        self, jobs: list[tuple[int, int]], rows: list[int]
-    ) -> list[tuple[torch.Tensor, int]]:
-        """The prompts in one prefill, each after the cached blocks copied into its row: the rest of its ids,
-        padded on the right with their first token, at its own positions; each real token sees only its own
-        row's earlier tokens (causal), and each row's logits are read at its last real token. Returns each
-        prompt's last logits (1, V) and how many of its tokens came from the prefix cache."""
+    def _prefill(self, jobs: list[tuple[int, int]], rows: list[int]) -> list[tuple[torch.Tensor, int]]:
+        """The prompts `jobs` ((key, n) each) in one prefill into `rows`, each after the cached blocks copied
+        into its row: the rest of its ids, padded on the right with their first token, at its own positions;
+        each real token sees only its own row's earlier tokens (causal), and each row's logits are read at
+        its last real token; then each prompt's n - 1 copies. Returns each prompt's last logits (1, V) and
+        how many of its tokens came from the prefix cache."""
         prompts = [self.prompts[key] for key, _ in jobs]
         starts = [self.cache.load_prefix(row, p) for p, row in zip(prompts, rows, strict=True)]
         lengths = [p.ids.shape[1] - start for p, start in zip(prompts, starts, strict=True)]
@@ -174,19 +151,19 @@ class Executor:
             ],
             lengths,
         )
-        pos = torch.arange(T, device=device)
         # consecutive rows (each prompt makes one choice) are written in place
         where = (
             {"row": rows[0]}
             if rows == list(range(rows[0], rows[0] + len(rows)))
             else {"rows": torch.tensor(rows, device=device)}
         )
-        if any(starts):
-            first = torch.tensor(starts, device=device)
+        if len(set(starts)) == 1:  # the same slots in every row (a prompt alone, or none cached)
+            pos = torch.arange(starts[0], starts[0] + T, device=device)
+            at, positions = CacheSlots(pos, key_len=starts[0] + T, **where), pos[None]
+        else:
+            first, pos = torch.tensor(starts, device=device), torch.arange(T, device=device)
             at = CacheSlots(pos, key_len=max(starts) + T, starts=first, **where)
             positions = first[:, None] + pos[None, :]
-        else:
-            at, positions = CacheSlots(pos, key_len=T, **where), pos[None]
         with self.lora_rows([self.prompt_adapters.get(key) for key, _ in jobs]):
             logits, state = self.model.prefill(
                 ids,
