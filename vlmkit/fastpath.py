@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlmkit.quant import QuantLinear, project
+from vlmkit.quant import QuantLinear, best_time, project
 
 SMALL_BATCH_ROWS = range(2, 65)
 # (out, in, dtype) of a row-major weight -> whether `weight @ x.T` beat `x @ weight.T` for a few rows on this
@@ -125,20 +125,12 @@ def column_major_reads_faster(dtype: torch.dtype) -> bool:
     4096 x 2048 weights, more bytes together than the caches hold, the best of three rounds each. (A 2-core
     Zen 3 read fp32 column-major at 20-25 GB/s against 16-18 row-major; a 2-core Zen 4 reads bf16
     row-major faster, 20 against 16 GB/s.)"""
-    import time
-
     x = torch.full((1, 2048), 0.01, dtype=dtype)
     rows = [torch.full((4096, 2048), 0.01, dtype=dtype) for _ in range(6)]
     cols = [w.t().contiguous().t() for w in rows]
 
     def best(weights: list[torch.Tensor]) -> float:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            for w in weights:
-                F.linear(x, w)
-            times.append(time.perf_counter() - start)
-        return min(times)
+        return best_time(lambda: [F.linear(x, w) for w in weights])
 
     with torch.no_grad():
         best(rows)  # warm-up
@@ -150,16 +142,10 @@ def measure_small_batches(weights: list[torch.Tensor], rows: tuple[int, ...] = (
     a few activation rows (`rows`, best of two after a warm-up), and note in TRANSPOSED_FASTER whether
     `weight @ x.T` took less time in all. Once per shape and process: a few ms for a small model, about a
     second for the seven distinct shapes of a 7B one."""
-    import time
 
     def best(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(2):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
+        fn()  # warm-up
+        return best_time(fn, rounds=2)
 
     with torch.no_grad():
         for w in weights:

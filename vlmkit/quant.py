@@ -27,7 +27,8 @@ is never held in full precision. The model code does not change. It has two layo
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,30 +258,30 @@ def int4_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype:
 # ---------------------------------------------------------------------------------------------
 
 
+def best_time(fn: Callable[[], object], rounds: int = 3) -> float:
+    """The shortest of `rounds` timed calls of fn, in seconds: how the kernel choices here and in
+    `vlmkit.fastpath` are measured on this CPU."""
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 @functools.cache
 def dense_rows(scheme: str, dtype: torch.dtype) -> int:
     """From how many activation rows (in `dtype`) a packed CPU kernel loses to dequantizing the weight once
     and running one dense GEMM (a long prompt's prefill), measured once per process on this CPU (under a
     second): a 1024 x 2048 layer, the best of three runs at 8 ... 512 rows."""
-    import time
-
     g = torch.Generator().manual_seed(0)  # the caller's random state stays untouched
     layer = QuantLinear.from_weight(torch.randn(1024, 2048, generator=g) * 0.02, None, QuantConfig(scheme))
     layer.to_cpu_kernels()
-
-    def best(fn: Any) -> float:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
     with torch.no_grad():
         for rows in DENSE_ROWS:
             x = torch.randn(rows, 2048, generator=g).to(dtype)
-            packed = best(lambda x=x: layer._packed(x.to(SCALE_DTYPE)).to(dtype))
-            dense = best(lambda x=x: F.linear(x, layer.dequantize(dtype)))
+            packed = best_time(lambda x=x: layer._packed(x.to(SCALE_DTYPE)).to(dtype))
+            dense = best_time(lambda x=x: F.linear(x, layer.dequantize(dtype)))
             if dense < packed:
                 return rows
     return 1 << 62
