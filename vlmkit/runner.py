@@ -50,13 +50,6 @@ class PromptPlan:
     extra: dict[str, Any] = field(default_factory=dict)  # family inputs its prefill needs again
 
 
-def last_positions(hidden: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-    """hidden (B, T, C) at each row's last real position (B, C): `last` (B,), or T - 1 when None."""
-    if last is None:
-        return hidden[:, -1]
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
-
-
 def final_positions(ids: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     """Each row's last real position (B,) of prompt ids (B, T): `last`, or T - 1 in every row when None."""
     if last is not None:

@@ -20,7 +20,7 @@ from vlmkit.generation import GenerationConfig, GenerationMixin
 from vlmkit.idefics.config import IdeficsConfig
 from vlmkit.idefics.cross_attention import CrossContext, CrossRows, FusionLayer, GatedCrossAttentionBlock
 from vlmkit.idefics.perceiver import PerceiverResampler
-from vlmkit.llama import LlamaModel, causal_lm_loss, check_text_inputs
+from vlmkit.llama import LlamaModel, causal_lm_loss, check_text_inputs, keep_positions
 from vlmkit.modules import CacheSlots, CausalLMOutput
 from vlmkit.runner import (
     DecoderSession,
@@ -29,7 +29,6 @@ from vlmkit.runner import (
     RunnerMixin,
     content_key,
     final_positions,
-    last_positions,
 )
 from vlmkit.weights import SavePretrainedMixin
 
@@ -416,6 +415,7 @@ class IdeficsModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module)
         to, keys/values reused."""
         states, iam = images if images is not None else (None, None)
         cross = self.cross_context(states, iam)
+        final = final_positions(ids, last)
         hidden = self.model(
             self.model.embed_tokens(ids),
             attention_mask=attention_mask,
@@ -423,12 +423,11 @@ class IdeficsModel(RunnerMixin, GenerationMixin, SavePretrainedMixin, nn.Module)
             at=at,
             kv_caches=kv_caches,
             state=cross,
-            last=final_positions(ids, last),
+            last=final,
         )
         step = None
         if cross is not None:
-            end = iam[:, -1:] if last is None else last_positions(iam, last)[:, None]
-            step = self.cross_context(states, end, kv=cross.kv)
+            step = self.cross_context(states, keep_positions(iam, final), kv=cross.kv)
         return self.lm_head(hidden[:, -1]), step
 
     def row_store(self, max_batch: int) -> CrossRows:
