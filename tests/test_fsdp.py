@@ -273,19 +273,26 @@ def test_errors():
         check_same_parts_run([SimpleNamespace(pixel_values=image), SimpleNamespace(pixel_values=None)])
 
 
+def sharded_saver(model: torch.nn.Module, folder: Path):
+    """`model` sharded over the process group with an optimizer and a scheduler, and save(step), which
+    writes folder/checkpoint-{step} with `fsdp.save_sharded`."""
+    groups = fsdp.shard_model(
+        model, [{"params": list(model.parameters())}], device=torch.device("cpu"), bf16=False
+    )
+    optimizer = torch.optim.AdamW(groups)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+    def save(step: int) -> None:
+        state = {"step": step, "losses": [1.0] * step}
+        fsdp.save_sharded(folder / f"checkpoint-{step}", model, optimizer, scheduler, state, None)
+
+    return save
+
+
 def test_a_failed_save_leaves_the_last_whole_checkpoint(tmp_path, monkeypatch):
     fsdp.join_process_group()  # a group of one
     try:
-        model = torch.nn.Linear(4, 4)
-        groups = fsdp.shard_model(
-            model, [{"params": list(model.parameters())}], device=torch.device("cpu"), bf16=False
-        )
-        optimizer = torch.optim.AdamW(groups)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-
-        def save(step: int) -> None:
-            state = {"step": step, "losses": [1.0] * step}
-            fsdp.save_sharded(tmp_path / f"checkpoint-{step}", model, optimizer, scheduler, state, None)
+        save = sharded_saver(torch.nn.Linear(4, 4), tmp_path)
 
         def disk_full() -> None:
             raise OSError("No space left on device")
@@ -322,17 +329,7 @@ def _save_where_one_process_fails(rank: int, world: int, port: int, folder: str,
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
-        groups = fsdp.shard_model(
-            model, [{"params": list(model.parameters())}], device=torch.device("cpu"), bf16=False
-        )
-        optimizer = torch.optim.AdamW(groups)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-
-        def save(step: int) -> None:
-            state = {"step": step, "losses": [1.0] * step}
-            fsdp.save_sharded(Path(folder) / f"checkpoint-{step}", model, optimizer, scheduler, state, None)
-
+        save = sharded_saver(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)), Path(folder))
         save(1)
         if rank == 1:  # only this process finds the disk full, after its shards are written
             fsdp.rng_state = _disk_full
