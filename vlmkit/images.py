@@ -203,7 +203,8 @@ def _decode(data: bytes, what: str, max_pixels: int) -> Image.Image:
     check_image_size(image.width, image.height, max_pixels, what)
     try:
         image.load()
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)  # a no-op without an EXIF orientation (no copy)
+        return image
     except Exception as e:
         raise ValueError(f"{what} is corrupt or truncated: {e}") from e
 

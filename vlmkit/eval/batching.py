@@ -45,7 +45,7 @@ def engine_answers(
     ahead = 2 * batch_size  # requests waiting for a row: enough to refill rows as they free up
     engine = Engine(
         vlm.model, vlm.tokenizer, max_batch=batch_size, max_seq_len=max_seq_len, max_queue=ahead + batch_size
-    ).start()
+    )
     finished: queue.Queue = queue.Queue()
     texts: dict[int, str] = {}
     keys: dict[int, Any] = {}
@@ -53,6 +53,7 @@ def engine_answers(
     exhausted = False
     try:
         while not exhausted or keys:
+            # the engine starts once `ahead` requests wait: full batches from the first prefill on
             while not exhausted and len(keys) < ahead:
                 nxt = next(upcoming, None)
                 if nxt is None:
@@ -79,6 +80,8 @@ def engine_answers(
                     yield Answer(job.key, "", "error", str(e))
                     continue
                 keys[n] = job.key
+            if not engine.started:
+                engine.start()
             try:
                 n, reason, error = finished.get(timeout=1.0)
             except queue.Empty:

@@ -156,6 +156,10 @@ class Engine:
         self._thread.start()
         return self
 
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish what is running and waiting, then stop the thread."""
         self._stop.set()
