@@ -238,9 +238,9 @@ def test_generate_beside_a_running_engine(vlm):
     assert beside == want and [g[0] for g in got] == want
 
 
-def test_a_malformed_request_fails_alone(vlm):
-    """A request whose tokens do not fit its pictures fails with a message; the one joining with it in the
-    same round is answered."""
+def test_a_malformed_request_is_refused_at_submit(vlm):
+    """A request whose tokens do not fit its pictures is refused when it is submitted (a 400 naming the
+    mismatch), before it takes a place in the queue; the request submitted beside it is answered."""
     good = vlm.inputs("Describe this.", [picture(30)])
     ids = good["input_ids"]
     # LLaVA: one picture token fewer than the picture needs; IDEFICS: ids one shorter than the image mask
@@ -249,20 +249,19 @@ def test_a_malformed_request_fails_alone(vlm):
     keep = torch.arange(ids.shape[1]) != cut
     bad = {**good, "input_ids": ids[:, keep], "attention_mask": good["attention_mask"][:, keep]}
     want = vlm.generate("Describe this.", images=[picture(30)], max_new_tokens=5)
-    events: dict[str, list] = {"good": [], "bad": []}
+    events: list = []
     engine = Engine(vlm.model, vlm.tokenizer, max_batch=4, max_seq_len=128)
-    jobs = {}
-    for name, inputs in (("bad", bad), ("good", good)):
-        jobs[name] = Request(inputs=inputs, params=SamplingParams(max_tokens=5), emit=events[name].append)
-        engine.submit(jobs[name])
-    engine.start()  # both join in the first round
+    with pytest.raises(InvalidRequest, match="image" if llava else "image_attention_mask") as refused:
+        engine.submit(Request(inputs=bad, params=SamplingParams(max_tokens=5), emit=events.append))
+    assert refused.value.status == 400 and engine.queue_depth == 0 and not events
+    job = Request(inputs=good, params=SamplingParams(max_tokens=5), emit=events.append)
+    engine.submit(job)
+    engine.start()
     try:
-        assert jobs["good"].done.wait(60) and jobs["bad"].done.wait(60)
+        assert job.done.wait(60)
     finally:
         engine.stop(10)
-    assert "".join(e.text for e in events["good"]) == want
-    (end,) = [e for e in events["bad"] if e.finish_reason]
-    assert end.finish_reason == "error" and isinstance(end.error, InvalidRequest) and end.error.status == 400
+    assert "".join(e.text for e in events) == want
 
 
 def test_a_request_past_its_deadline_ends_with_a_timeout(vlm):

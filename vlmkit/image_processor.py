@@ -279,7 +279,7 @@ class ImageProcessor:
         # A uint8 pixel has 256 values: each channel's outputs are worked out once (the same arithmetic,
         # value by value) and looked up, which is several times faster than doing it per pixel.
         table = _value_table(*self._value_steps())
-        return np.stack([table[c][array[c]] for c in range(array.shape[0])])
+        return np.stack([table[c].take(array[c]) for c in range(array.shape[0])])
 
     def _value_steps(self) -> tuple:
         return (

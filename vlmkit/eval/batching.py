@@ -1,11 +1,10 @@
-"""Many requests through one in-process continuous-batching engine (`vlmkit.serve.engine.Engine`): inputs are
-prepared as rows free up (the engine decodes meanwhile), a bounded number ahead, and answers come back as
-they finish. `vlmkit eval` and the lmms-eval entry both answer through this."""
+"""Many requests through one in-process continuous-batching engine (`vlmkit.serve.engine.Engine`), driven from
+the caller's thread: inputs are prepared as rows free up, a bounded number ahead, between the engine's rounds,
+and answers come back as they finish. `vlmkit eval` and the lmms-eval entry both answer through this."""
 
 from __future__ import annotations
 
 import dataclasses
-import queue
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,17 +42,18 @@ def engine_answers(
         text = getattr(vlm.model.config, "text_config", vlm.model.config)
         max_seq_len = min(2048, getattr(text, "max_position_embeddings", None) or 2048)
     ahead = 2 * batch_size  # requests waiting for a row: enough to refill rows as they free up
+    # Driven from this thread (no engine thread): preparing the next inputs and running the model take
+    # turns, so neither waits for Python's lock held by the other, and the model's kernels have every core.
     engine = Engine(
         vlm.model, vlm.tokenizer, max_batch=batch_size, max_seq_len=max_seq_len, max_queue=ahead + batch_size
     )
-    finished: queue.Queue = queue.Queue()
+    finished: list[tuple[int, str, Any]] = []
     texts: dict[int, str] = {}
     keys: dict[int, Any] = {}
     upcoming = iter(enumerate(jobs))
     exhausted = False
     try:
         while not exhausted or keys:
-            # the engine starts once `ahead` requests wait: full batches from the first prefill on
             while not exhausted and len(keys) < ahead:
                 nxt = next(upcoming, None)
                 if nxt is None:
@@ -66,7 +66,7 @@ def engine_answers(
                     if event.finish_reason is None:
                         texts[n] += event.text
                     else:
-                        finished.put((n, event.finish_reason, event.error))
+                        finished.append((n, event.finish_reason, event.error))
 
                 try:
                     inputs = job.inputs()
@@ -80,14 +80,10 @@ def engine_answers(
                     yield Answer(job.key, "", "error", str(e))
                     continue
                 keys[n] = job.key
-            if not engine.started:
-                engine.start()
-            try:
-                n, reason, error = finished.get(timeout=1.0)
-            except queue.Empty:
-                if engine.error is not None:
-                    raise engine.error from None
-                continue
-            yield Answer(keys.pop(n), texts.pop(n), reason, None if error is None else str(error))
+            if keys:
+                engine.run_once()
+            while finished:
+                n, reason, error = finished.pop(0)
+                yield Answer(keys.pop(n), texts.pop(n), reason, None if error is None else str(error))
     finally:
-        engine.stop(timeout=30)
+        engine.stop()

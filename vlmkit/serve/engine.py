@@ -34,6 +34,7 @@ import torch
 from vlmkit.adapters import AdapterSet
 from vlmkit.generation import DEFAULT_MAX_NEW_TOKENS, GenerationConfig, StopStrings, make_config
 from vlmkit.models import family_of, stop_token_ids
+from vlmkit.runner import PromptPlan
 from vlmkit.serve.cache import PrefixCache, Prompt
 from vlmkit.serve.config import EngineConfig
 from vlmkit.serve.errors import (
@@ -43,7 +44,7 @@ from vlmkit.serve.errors import (
     QueueFull,
     RequestTimeout,
 )
-from vlmkit.serve.executor import Executor
+from vlmkit.serve.executor import Executor, plan_request
 from vlmkit.serve.output import Event, Row, greedy_choices, take
 from vlmkit.serve.scheduler import Scheduler
 from vlmkit.structured import Constraint, Guide, check_constraint
@@ -99,6 +100,7 @@ class Request:
     id: str = ""  # the caller's request id, for logs
     adapter: str | None = None  # the LoRA adapter to answer with, by name (None: the base model)
     config: GenerationConfig | None = None  # `params` as generate's settings, set by Engine.submit
+    plan: PromptPlan | None = None  # the family's plan of `inputs`, made by Engine.submit
     cancelled: threading.Event = field(default_factory=threading.Event)
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -156,19 +158,19 @@ class Engine:
         self._thread.start()
         return self
 
-    @property
-    def started(self) -> bool:
-        return self._thread is not None
-
     def stop(self, timeout: float | None = None) -> None:
-        """Finish what is running and waiting, then stop the thread."""
+        """Finish what is running and waiting, then stop the thread (an engine driven by `run_once` is only
+        released: its caller decides what runs)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        else:  # driven by its caller (run_once), or never run
+            self.executor.close()
 
     def submit(self, request: Request) -> None:
-        """Queue a request; raises InvalidRequest (bad settings, too long) or QueueFull."""
+        """Queue a request; raises InvalidRequest (bad settings, too long, inputs the model cannot take) or
+        QueueFull."""
         if self.error is not None:  # nothing would ever run it
             raise self.error
         if self._stop.is_set():
@@ -181,6 +183,12 @@ class Engine:
                 f"prompt ({request.prompt_tokens} tokens) + max_tokens ({request.params.max_tokens}) exceeds "
                 f"this server's limit of {limit} tokens; shorten the prompt or lower max_tokens"
             )
+        try:  # in the caller's thread: hashing pictures here keeps it off the engine thread
+            request.plan = plan_request(self.model, request.inputs)
+        except InvalidRequest:
+            raise
+        except (ValueError, TypeError) as e:
+            raise InvalidRequest(str(e)) from None
         self.scheduler.enqueue(request)
         self._wake.set()
 
@@ -216,7 +224,7 @@ class Engine:
         for r in joining:
             key = next(self._keys)
             try:
-                planned.append((r, key, self.executor.call("plan", key, r.inputs, r.adapter)))
+                planned.append((r, key, self.executor.call("plan", key, r.plan, r.adapter)))
             except Exception as e:  # a malformed request fails alone
                 self._finish_request(r, "error", e)
         if not planned:
@@ -364,28 +372,54 @@ class Engine:
             request.emit(Event(j, finish_reason=reason, error=error))
         request.done.set()
 
+    def _round(self) -> bool:
+        """Admit what waits, then one decode step for the running rows; whether a step ran."""
+        with torch.inference_mode():
+            self._admit()
+            self._compact()
+            if self.scheduler.pending():
+                self._step()
+                self._compact()
+                return True
+        return False
+
     def _loop(self) -> None:
         try:
             while True:
-                with torch.inference_mode():
-                    self._admit()
-                    self._compact()
-                    if self.scheduler.pending():
-                        self._step()
-                        self._compact()
-                        continue
+                if self._round():
+                    continue
                 if self.scheduler.waiting.empty():
                     if self._stop.is_set():
                         self.executor.close()
                         return
                     self._wake.wait(0.05)
                     self._wake.clear()
-        except BaseException as e:  # the engine is broken: tell everyone, keep the error for /health
-            self.error = EngineFailure(f"engine failure: {e}")
-            log.exception("engine failure; failing %d running rows", len(self.scheduler.rows))
-            for r in self.scheduler.rows:
-                if not r.finished:
-                    log.error("request %s failed: engine failure", r.request.id or "-")
-                    self._end_row(r, "error", self.error, keep=False)
-            self.executor.close()
+        except BaseException as e:
+            self._fail(e)
             raise
+
+    def _fail(self, e: BaseException) -> None:
+        """The engine is broken: tell everyone, keep the error for /health."""
+        self.error = EngineFailure(f"engine failure: {e}")
+        log.exception("engine failure; failing %d running rows", len(self.scheduler.rows))
+        for r in self.scheduler.rows:
+            if not r.finished:
+                log.error("request %s failed: engine failure", r.request.id or "-")
+                self._end_row(r, "error", self.error, keep=False)
+        self.executor.close()
+
+    def run_once(self) -> bool:
+        """One round in the caller's thread, for a caller that drives the engine itself instead of
+        `start()`ing its thread (an offline batch: evaluation). Events are emitted from this call. With no
+        engine thread beside it, the caller's own work (preparing the next requests) never contends with the
+        engine for Python's lock or a core. Returns whether requests are still running or waiting."""
+        if self._thread is not None:
+            raise RuntimeError("this engine runs in its own thread (start()); it cannot also be driven")
+        if self.error is not None:
+            raise self.error
+        try:
+            self._round()
+        except BaseException as e:
+            self._fail(e)
+            raise
+        return bool(self.scheduler.rows) or not self.scheduler.waiting.empty()

@@ -19,12 +19,27 @@ import torch
 from vlmkit.adapters import Adapter, AdapterSet
 from vlmkit.llama import check_text_inputs
 from vlmkit.modules import CacheSlots
+from vlmkit.runner import PromptPlan
 from vlmkit.serve.cache import CacheManager, Prompt
 from vlmkit.serve.config import EngineConfig
 from vlmkit.serve.errors import InvalidRequest, NotFound
 
 log = logging.getLogger("vlmkit.serve")
 OPS = ("plan", "encode", "run_prompts", "decode", "keep", "compact", "forget")
+
+
+def plan_request(model: Any, inputs: dict[str, torch.Tensor]) -> PromptPlan:
+    """Check one request's processor outputs and make its family's plan (its pictures' content keys and the
+    tokens each affects). It reads nothing the engine changes, so it runs in the submitting thread: a bad
+    request is refused at once, and the engine thread spends no time hashing pictures."""
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    check_text_inputs(ids, mask, None)
+    if ids.shape[0] != 1 or (mask is not None and not bool(mask.all())):
+        raise InvalidRequest(
+            f"the engine takes one unpadded prompt per request; got input_ids {tuple(ids.shape)}"
+            + ("" if mask is None else f" with {int((mask == 0).sum())} padding positions")
+        )
+    return model.plan(inputs)
 
 
 class Executor:
@@ -63,10 +78,10 @@ class Executor:
             dist.broadcast_object_list([op, args], group=self.group, group_src=0)
         return getattr(self, op)(*args)
 
-    def plan(self, key: int, inputs: dict[str, torch.Tensor], adapter: str | None = None) -> Prompt:
-        """Check one request's processor outputs and plan its prompt (block hashes, the cached start, the
-        pictures still needed) with its LoRA adapter (by name; None: the base model); it is remembered under
-        `key` until `forget`."""
+    def plan(self, key: int, plan: PromptPlan, adapter: str | None = None) -> Prompt:
+        """Plan one request's prompt (block hashes, the cached start, the pictures still needed) from its
+        family's plan (`plan_request`, made when it was submitted) with its LoRA adapter (by name; None: the
+        base model); it is remembered under `key` until `forget`."""
         lora = None
         if adapter is not None:
             if self.adapters is None:
@@ -75,14 +90,7 @@ class Executor:
                 lora = self.adapters.get(adapter)
             except KeyError:
                 raise NotFound(f"adapter {adapter!r} is not loaded") from None
-        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
-        check_text_inputs(ids, mask, None)
-        if ids.shape[0] != 1 or (mask is not None and not bool(mask.all())):
-            raise InvalidRequest(
-                f"the engine takes one unpadded prompt per request; got input_ids {tuple(ids.shape)}"
-                + ("" if mask is None else f" with {int((mask == 0).sum())} padding positions")
-            )
-        prompt = self.cache.plan(self.model.plan(inputs), salt=lora.digest if lora is not None else b"")
+        prompt = self.cache.plan(plan, salt=lora.digest if lora is not None else b"")
         self.prompts[key], self.prompt_adapters[key] = prompt, lora
         return prompt
 
