@@ -114,13 +114,15 @@ def _array_to_image(array: np.ndarray, max_pixels: int) -> Image.Image:
 
 def _load_file(path: Path, max_pixels: int) -> Image.Image:
     what = f"file {str(path)!r}"
-    if not path.exists():
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"no image {what}: a str source must be an existing file, an http(s) URL or a data: URI"
-        )
-    if path.is_dir():
-        raise IsADirectoryError(f"{what} is a directory, not an image file")
-    return _decode(path.read_bytes(), what, max_pixels)
+        ) from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{what} is a directory, not an image file") from None
+    return _decode(data, what, max_pixels)
 
 
 def _data_uri_payload(uri: str, what: str) -> bytes:

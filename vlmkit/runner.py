@@ -59,7 +59,7 @@ def final_positions(ids: torch.Tensor, last: torch.Tensor | None) -> torch.Tenso
 
 def content_key(pixels: torch.Tensor, meta: dict[str, Any] | None = None) -> str:
     """SHA-256 of preprocessed pixels (and their metadata): equal pictures share features."""
-    h = hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes())
+    h = hashlib.sha256(memoryview(pixels.detach().cpu().contiguous().numpy()).cast("B"))
     if meta:
         h.update(repr(sorted(meta.items())).encode())
     return h.hexdigest()

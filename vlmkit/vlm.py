@@ -83,7 +83,12 @@ class VLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        # a parameter is found once (walking the module tree costs more than building a small prompt); moving
+        # the model moves it too, so its device stays the model's
+        first = self.__dict__.get("_first_parameter")
+        if first is None:
+            first = self.__dict__["_first_parameter"] = next(self.model.parameters())
+        return first.device
 
     # -- inputs ---------------------------------------------------------------------------------
 

@@ -94,10 +94,9 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     if not answers:
         raise ValueError("a VQA question needs at least one human answer")
     pred = normalize_answer(prediction)
-    gts = [normalize_answer(a) for a in answers]
-    return sum(
-        min(1.0, sum(g == pred for j, g in enumerate(gts) if j != i) / 3) for i in range(len(gts))
-    ) / len(gts)
+    same = [normalize_answer(a) == pred for a in answers]
+    matches = sum(same)  # the others who match, with human i left out: matches - same[i]
+    return sum(min(1.0, (matches - s) / 3) for s in same) / len(same)
 
 
 def score_vqa(samples: list[Sample], outputs: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
