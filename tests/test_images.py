@@ -466,6 +466,8 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
         load_image("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk")  # bare base64 is no path
     with pytest.raises(IsADirectoryError, match=str(tmp_path)):
         load_image(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no image"):  # a name no file can have
+        load_image("picture\0.png")
     text = tmp_path / "notes.txt"
     text.write_text("not an image at all")
     with pytest.raises(ValueError, match="notes.txt.*not an image") as info:

@@ -116,7 +116,7 @@ def _load_file(path: Path, max_pixels: int) -> Image.Image:
     what = f"file {str(path)!r}"
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # ValueError: a name no file can have (a NUL byte in it)
         raise FileNotFoundError(
             f"no image {what}: a str source must be an existing file, an http(s) URL or a data: URI"
         ) from None
