@@ -25,6 +25,7 @@ from vlmkit.modules import (
     apply_rotary,
     attention,
     causal_mask,
+    signed_sin,
 )
 
 TEXT_MODEL_TYPES = ("llama",)  # what `LlamaConfig.from_hf` reads unless a family asks for more
@@ -183,10 +184,9 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: DecoderContext) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), ctx.cos, ctx.sin).transpose(1, 2)
+        k = apply_rotary(k.view(B, T, self.n_kv_heads, self.head_dim), ctx.cos, ctx.sin).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         cache = self.kv_cache if ctx.caches is None else ctx.caches[self]
         if cache is not None:
             k, v = cache.update(k, v, ctx.at)  # (B, Hkv, S, D)
@@ -317,7 +317,7 @@ class DecoderContext:
     """What every decoder layer of one call shares: rotary tables, the self-attention mask, cache slots."""
 
     cos: torch.Tensor  # (B, T, D)
-    sin: torch.Tensor
+    sin: torch.Tensor  # (B, T, D), with its first half negated (`signed_sin`)
     mask: torch.Tensor | None  # (B or 1, 1, T, S) bool; None: plain causal attention
     at: CacheSlots  # where the T tokens go in the cache
     caches: dict[nn.Module, Any] | None = None  # per attention module, in place of its kv_cache
@@ -374,7 +374,7 @@ def decoder_context(
     else:
         mask = None
     cos, sin = rotary(position_ids, inputs_embeds.dtype)
-    return DecoderContext(cos=cos, sin=sin, mask=mask, at=at, caches=caches)
+    return DecoderContext(cos=cos, sin=signed_sin(sin), mask=mask, at=at, caches=caches)
 
 
 class LlamaForCausalLM(nn.Module):

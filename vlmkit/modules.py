@@ -52,6 +52,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # PyTorch's kernel: the same products in fp32 (equal bit for bit), in one call instead of six
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
@@ -137,10 +140,17 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D), cos/sin (B, T, D)."""
-    cos, sin = cos[:, None], sin[:, None]
-    return x * cos + rotate_half(x) * sin
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """The sine table (..., D) with its first half negated: `apply_rotary`'s form of it."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x (B, T, H, D) (heads after positions) with cos and `signed_sin(sin)`, (B, T, D)
+    each: x * cos + rotate_half(x) * sin, equal to it bit for bit (rolling x by half its width and
+    negating the sine instead of x swaps the same signs), in four operations instead of seven."""
+    return x * cos[:, :, None] + x.roll(x.shape[-1] // 2, -1) * sin_signed[:, :, None]
 
 
 # ---------------------------------------------------------------------------------------------
