@@ -129,7 +129,50 @@ def test_answers_stop_where_the_context_ends(vip, count_data):
     refused = evaluate(
         "vqav2", count_data, vip, prompt="{question}", limit=2, max_seq_len=prompt_tokens, progress=False
     )
-    assert all(r["finish_reason"] == "error" and "exceeds" in r["error"] for r in refused.samples)
+    assert all(r["finish_reason"] == "error" and "exceeds max_seq_len" in r["error"] for r in refused.samples)
+
+
+def test_engine_rows_grow_with_what_the_prompts_need(vip, count_data, monkeypatch):
+    """The engine's rows are as long as the prompts and budgets seen so far need (not the model's context);
+    a job that needs longer rows waits for the running ones, then an engine with rows at least twice as long
+    answers it. The answers are those of one engine with rows of the whole context."""
+    from vlmkit.eval import get_task
+    from vlmkit.eval.batching import Job, engine_answers
+    from vlmkit.eval.run import messages_for
+    from vlmkit.serve import engine as engine_module
+    from vlmkit.serve.engine import SamplingParams
+
+    sizes: list[int] = []
+    real_init = engine_module.Engine.__init__
+
+    def recording(self, *args, **kwargs):
+        sizes.append(kwargs["max_seq_len"])
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.Engine, "__init__", recording)
+    samples = get_task("vqav2").samples(count_data)[:6]
+    budgets = [8, 8, 8, 200, 8, 400]  # each prompt is 24 tokens
+
+    def jobs() -> list[Job]:
+        return [
+            Job(
+                i,
+                lambda s=s: vip.chat_inputs(messages_for(s, "{question}", [])),
+                SamplingParams(max_tokens=b),
+            )
+            for i, (s, b) in enumerate(zip(samples, budgets, strict=True))
+        ]
+
+    grown = {a.key: (a.text, a.finish_reason) for a in engine_answers(vip, jobs(), batch_size=1)}
+    assert sizes == [
+        64,
+        256,
+        512,
+    ]  # 24 + 8 in 64; 24 + 200 in twice 64 rounded up; 24 + 400 in the 512 context
+    sizes.clear()
+    whole = {a.key: (a.text, a.finish_reason) for a in engine_answers(vip, jobs(), batch_size=16)}
+    assert sizes == [448] and grown == whole and len(whole) == 6  # all six seen at once: 24 + 400 in 448
+    assert all(reason == "stop" for _, reason in whole.values())
 
 
 def test_limit_and_resume(vip, count_data, tmp_path, monkeypatch):
