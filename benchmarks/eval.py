@@ -1,16 +1,18 @@
 """Evaluation throughput: `vlmkit eval` at batch 16 (the continuous-batching engine) against a one-at-a-time
 loop with transformers' `generate`, on the same demo model, task and questions, in one run.
 
-The task is VQAv2 (its published layout, written from the shapes world: the 200 counting questions the demo
-model's known accuracy is measured on), for the ViP-LLaVA demo or the IDEFICS one (`--family`); both sides
-build each prompt with vlmkit's processor through the checkpoint's chat template (tensors equal to
-transformers' processor's), answer greedily with the same budget and end tokens, and are scored with the same
-VQA metric. Samples/s counts reading the task and its pictures, answering and scoring: the model is loaded
+The task (`--task`) is VQAv2 (its published layout, written from the shapes world: the 200 counting
+questions the demo model's known accuracy is measured on; one-word answers) or COCO captions (Karpathy's
+split file: 200 pictures, each described in a sentence, scored by CIDEr), for the ViP-LLaVA demo or the
+IDEFICS one (`--family`); both sides build each prompt with vlmkit's processor through the checkpoint's chat
+template (tensors equal to transformers' processor's), answer greedily with the task's budget and the same
+end tokens, and are scored with the task's metric. Samples/s counts reading the task and its pictures, answering and scoring: the model is loaded
 before the clock starts on both sides, and each side first answers the first `--warmup` questions untimed
 (the first calls of a process pay for kernel set-up and template compilation; `--warmup 0` times a cold
 start).
 
-    .venv/bin/python benchmarks/eval.py [--family vipllava|idefics] [--n 200] [--batch-size 16] [--threads 2]
+    .venv/bin/python benchmarks/eval.py [--family vipllava|idefics] [--task vqav2|coco] [--n 200] [--batch-size 16]
+        [--threads 2]
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import torch
 
 from vlmkit.eval import evaluate, get_task
 from vlmkit.eval.run import messages_for
-from vlmkit.eval.shapes import known_examples, write_vqav2
+from vlmkit.eval.shapes import known_examples, write_captions, write_vqav2
 from vlmkit.models import builtin_model, family_of, stop_token_ids
 from vlmkit.vlm import VLM
 
-PROMPT = "{question}"  # the demo model was trained on the bare question
-BUDGET = 32  # the VQA tasks' answer budget
+# the demo models were trained on the bare question, and on this request for a description
+PROMPTS = {"vqav2": "{question}", "coco": "Describe the image."}
+KINDS = {"vqav2": "count", "coco": "caption"}  # the demo's question types each task is written from
 NAMES = {"vipllava": "demo", "idefics": "demo-idefics"}
 
 
@@ -46,7 +49,15 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def transformers_loop(data: Path, warmup: int, family: str) -> tuple[float, list[str], dict]:
+def write_task(task: str, folder: Path, family: str, n: int) -> None:
+    examples = known_examples(family, KINDS[task], 200)[:n]
+    if task == "vqav2":
+        write_vqav2(folder, examples)
+    else:
+        write_captions(folder, examples)
+
+
+def transformers_loop(data: Path, warmup: int, family: str, task_name: str) -> tuple[float, list[str], dict]:
     """Seconds to answer and score every question one at a time with transformers' generate (after
     answering the first `warmup` untimed), the answers and the scores."""
     from transformers import IdeficsForVisionText2Text, VipLlavaForConditionalGeneration
@@ -59,13 +70,13 @@ def transformers_loop(data: Path, warmup: int, family: str) -> tuple[float, list
     model = classes[family].from_pretrained(folder, dtype=torch.float32, **init).eval()
     vlm = VLM.load(NAMES[family])  # its processor only: the same prompts and pixels as vlmkit's side
     eos = stop_token_ids(vlm.tokenizer, family_of(vlm.model))
-    task = get_task("vqav2")
+    task = get_task(task_name)
 
     def answer(s: object) -> str:
-        inputs = vlm.chat_inputs(messages_for(s, PROMPT, []))
+        inputs = vlm.chat_inputs(messages_for(s, PROMPTS[task_name], []))
         out = model.generate(
             **inputs,
-            max_new_tokens=BUDGET,
+            max_new_tokens=task.max_new_tokens,
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=vlm.tokenizer.pad_token_id,
@@ -86,56 +97,65 @@ def transformers_loop(data: Path, warmup: int, family: str) -> tuple[float, list
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=sorted(NAMES), default="vipllava")
-    ap.add_argument("--n", type=int, default=200, help="questions (the known counting questions of the demo)")
+    ap.add_argument("--task", choices=sorted(PROMPTS), default="vqav2")
+    ap.add_argument(
+        "--n", type=int, default=200, help="samples (of the demo's known questions of the task's type)"
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=16, help="questions each side answers before the clock")
-    ap.add_argument("--output", type=Path, default=Path("build/bench/eval.json"))
+    ap.add_argument("--output", type=Path, default=None, help="default: build/bench/eval-FAMILY-TASK.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "vqav2"
-        write_vqav2(data, known_examples(args.family, "count", 200)[: args.n])
+        data = Path(tmp) / args.task
+        write_task(args.task, data, args.family, args.n)
         vlm = VLM.load(NAMES[args.family])  # as `vlmkit eval` loads it
         if args.warmup:
             evaluate(
-                "vqav2",
+                args.task,
                 data,
                 vlm,
-                prompt=PROMPT,
+                prompt=PROMPTS[args.task],
                 limit=args.warmup,
                 batch_size=args.batch_size,
                 progress=False,
             )
         start = time.perf_counter()
-        ours = evaluate("vqav2", data, vlm, prompt=PROMPT, batch_size=args.batch_size, progress=False)
+        ours = evaluate(
+            args.task, data, vlm, prompt=PROMPTS[args.task], batch_size=args.batch_size, progress=False
+        )
         ours_s = time.perf_counter() - start
-        theirs_s, theirs, theirs_scores = transformers_loop(data, args.warmup, args.family)
+        theirs_s, theirs, theirs_scores = transformers_loop(data, args.warmup, args.family, args.task)
     same = sum(r["output"] == t for r, t in zip(ours.samples, theirs, strict=True))
+    metric = "accuracy" if args.task == "vqav2" else "cider"  # the task's headline score
     result = {
         "cpu": cpu_name(),
         "model": NAMES[args.family],
+        "task": args.task,
         "threads": args.threads,
-        "questions": args.n,
+        "samples": args.n,
         "warmup": args.warmup,
         "vlmkit": {"batch_size": args.batch_size, "seconds": ours_s, "samples_per_s": args.n / ours_s,
-                   "accuracy": ours.scores["accuracy"]},
+                   metric: ours.scores[metric]},
         "transformers": {"batch_size": 1, "seconds": theirs_s, "samples_per_s": args.n / theirs_s,
-                         "accuracy": theirs_scores["accuracy"]},
+                         metric: theirs_scores[metric]},
         "speedup": theirs_s / ours_s,
         "same_answers": same,
     }  # fmt: skip
+    layout = {"vqav2": "VQAv2-layout questions", "coco": "COCO-layout pictures to caption"}[args.task]
     print(
-        f"{result['cpu']}, {args.threads} threads, {args.n} VQAv2-layout questions, {NAMES[args.family]}, "
+        f"{result['cpu']}, {args.threads} threads, {args.n} {layout}, {NAMES[args.family]}, "
         f"{args.warmup} answered first untimed\n"
         f"  vlmkit eval, batch {args.batch_size}: {result['vlmkit']['samples_per_s']:.1f} samples/s "
-        f"(accuracy {ours.scores['accuracy']:.1f})\n"
+        f"({metric} {ours.scores[metric]:.1f})\n"
         f"  transformers, one at a time: {result['transformers']['samples_per_s']:.1f} samples/s "
-        f"(accuracy {theirs_scores['accuracy']:.1f})\n"
+        f"({metric} {theirs_scores[metric]:.1f})\n"
         f"  speed-up {result['speedup']:.1f}x; identical answers {same}/{args.n}"
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=1))
+    output = args.output or Path(f"build/bench/eval-{args.family}-{args.task}.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
