@@ -226,7 +226,8 @@ class ImageProcessor:
     def load(
         self, source: ImageInput, *, allow_remote: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
     ) -> Image.Image:
-        """One image read (as `preprocess` reads it) and converted to RGB as the reference converts it."""
+        """One image read (as `preprocess` reads it) and converted to RGB as the reference converts it (an RGB
+        PIL image comes back itself, not a copy)."""
         image = load_image(source, allow_remote=allow_remote, max_pixels=max_pixels)
         return self._to_rgb(image, encoded=is_encoded(source))
 
@@ -236,15 +237,16 @@ class ImageProcessor:
         if self.do_resize:
             height, width = self._resized_size(image.height, image.width)
             check_image_size(width, height, max_pixels, f"the resized image of {image.width}x{image.height}")
-            image = image.resize((width, height), resample=self.resample)
+            if (width, height) != image.size:  # Pillow returns a copy for the same size
+                image = image.resize((width, height), resample=self.resample)
         array = np.asarray(image).transpose(2, 0, 1)  # (3, H, W) uint8
         if self.do_center_crop:
             array = _center_crop(array, self.crop_size["height"], self.crop_size["width"])
         return self._rescale_and_normalize(array)
 
     def _to_rgb(self, image: Image.Image, *, encoded: bool) -> Image.Image:
-        if encoded:
-            return image.convert("RGB")  # the reference's path loader: any transparency is dropped
+        if encoded:  # the reference's path loader: any transparency is dropped
+            return image if image.mode == "RGB" else image.convert("RGB")
         if not self.do_convert_rgb:
             if image.mode != "RGB":
                 raise ValueError(f"do_convert_rgb is off, so images must be RGB; got mode {image.mode}")
@@ -253,7 +255,7 @@ class ImageProcessor:
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             white = Image.new("RGBA", image.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
 
     def _resized_size(self, height: int, width: int) -> tuple[int, int]:
         size = self.size
