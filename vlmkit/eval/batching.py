@@ -41,8 +41,8 @@ def engine_answers(
     breaks raises. Greedy requests get the answer the model gives each alone.
 
     The engine's rows (batch_size x their length of keys and values, allocated at once) are as long as the
-    prompts and answer budgets seen so far need, not max_seq_len: a 7B model's rows for 2048 tokens would
-    take 16 GB where VQA prompts need a few hundred tokens. A job that needs longer rows waits until the
+    prompts and answer budgets seen so far need, not max_seq_len: a 7B model's 16 rows of 2048 tokens take
+    16 GiB in bf16, where VQA prompts need about 640 tokens (5 GiB). A job that needs longer rows waits until the
     running ones finish, and a new engine with rows at least twice as long takes over (so that happens a
     few times at most)."""
     from vlmkit.serve.engine import Engine, Request
