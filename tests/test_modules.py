@@ -43,3 +43,46 @@ def test_rotary_equals_the_rotate_half_form(shape):
     heads_first = x.transpose(1, 2)
     reference = heads_first * cos[:, None] + rotate_half(heads_first) * sin[:, None]
     assert torch.equal(apply_rotary(x, cos, signed_sin(sin)).transpose(1, 2), reference)
+
+
+@pytest.mark.parametrize(
+    ("channels", "out", "kernel", "height", "width", "bias"),
+    [(3, 16, 4, 12, 12, False), (3, 32, 14, 28, 31, False), (3, 8, (2, 3), 9, 10, True)],
+)
+def test_patch_embedding_as_one_product_equals_the_convolution(channels, out, kernel, height, width, bias):
+    """Without gradients, the patches flattened and multiplied by the flattened kernel give the convolution's
+    output (fp32 rounding apart), an edge the kernel does not fill dropped as the convolution drops it; with
+    gradients it is the convolution itself."""
+    from torch import nn
+
+    from vlmkit.fastpath import PatchEmbedding
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(channels, out, kernel, stride=kernel, bias=bias)
+    x = torch.randn(2, channels, height, width)
+    want = conv(x)
+    conv.__class__ = PatchEmbedding
+    with torch.no_grad():
+        got = conv(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(conv(x), want)  # gradients on: the convolution
+
+
+def test_patch_embeddings_take_the_kernel_measured_faster():
+    from torch import nn
+
+    from vlmkit import fastpath
+
+    class Embeddings(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = type("Config", (), {"image_size": 40})()
+            self.patch_embedding = nn.Conv2d(3, 24, 8, stride=8, bias=False)
+            self.other = nn.Conv2d(3, 24, 3, padding=1)  # not a patch embedding: never touched
+
+    model = Embeddings()
+    fastpath.measure_patch_embeddings(model)
+    faster = fastpath.PATCHES_AS_PRODUCT[(24, 3, (8, 8), 40, torch.float32)]
+    assert isinstance(model.patch_embedding, fastpath.PatchEmbedding) == faster
+    assert type(model.other) is nn.Conv2d
