@@ -50,9 +50,9 @@ def test_rotary_equals_the_rotate_half_form(shape):
     [(3, 16, 4, 12, 12, False), (3, 32, 14, 28, 31, False), (3, 8, (2, 3), 9, 10, True)],
 )
 def test_patch_embedding_as_one_product_equals_the_convolution(channels, out, kernel, height, width, bias):
-    """Without gradients, the patches flattened and multiplied by the flattened kernel give the convolution's
-    output (fp32 rounding apart), an edge the kernel does not fill dropped as the convolution drops it; with
-    gradients it is the convolution itself."""
+    """The patches flattened and multiplied by the flattened kernel give the convolution's output (fp32
+    rounding apart), an edge the kernel does not fill dropped as the convolution drops it; the same with
+    gradients, which match the convolution's."""
     from torch import nn
 
     from vlmkit.fastpath import PatchEmbedding
@@ -61,12 +61,16 @@ def test_patch_embedding_as_one_product_equals_the_convolution(channels, out, ke
     conv = nn.Conv2d(channels, out, kernel, stride=kernel, bias=bias)
     x = torch.randn(2, channels, height, width)
     want = conv(x)
+    (want_grad,) = torch.autograd.grad(want.square().sum(), conv.weight)
     conv.__class__ = PatchEmbedding
     with torch.no_grad():
         got = conv(x)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-5)
-    assert torch.equal(conv(x), want)  # gradients on: the convolution
+    with_grad = conv(x)
+    assert torch.equal(with_grad.detach(), got)  # the same features whether gradients are recorded or not
+    (grad,) = torch.autograd.grad(with_grad.square().sum(), conv.weight)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-4)
 
 
 def test_patch_embeddings_take_the_kernel_measured_faster():

@@ -164,12 +164,13 @@ def measure_small_batches(weights: list[torch.Tensor], rows: tuple[int, ...] = (
 
 
 class PatchEmbedding(nn.Conv2d):
-    """A Conv2d whose stride is its kernel (a vision transformer's patch embedding) that, without gradients on
-    the CPU, flattens each patch and multiplies all of them by the flattened kernel in one matrix product:
-    the convolution's sums, up to fp32 rounding. State dicts and training see an nn.Conv2d."""
+    """A Conv2d whose stride is its kernel (a vision transformer's patch embedding) that, on the CPU, flattens
+    each patch and multiplies all of them by the flattened kernel in one matrix product: the convolution's
+    sums, up to fp32 rounding, with or without gradients (so both give the same features). State dicts see an
+    nn.Conv2d."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() != 4:
+        if x.device.type != "cpu" or x.dim() != 4:
             return super().forward(x)
         B, C, H, W = x.shape
         kh, kw = self.kernel_size
