@@ -6,13 +6,13 @@ questions the demo model's known accuracy is measured on; one-word answers) or C
 split file: 200 pictures, each described in a sentence, scored by CIDEr), for the ViP-LLaVA demo or the
 IDEFICS one (`--family`); both sides build each prompt with vlmkit's processor through the checkpoint's chat
 template (tensors equal to transformers' processor's), answer greedily with the task's budget and the same
-end tokens, and are scored with the task's metric. Samples/s counts reading the task and its pictures, answering and scoring: the model is loaded
-before the clock starts on both sides, and each side first answers the first `--warmup` questions untimed
-(the first calls of a process pay for kernel set-up and template compilation; `--warmup 0` times a cold
-start).
+end tokens, and are scored with the task's metric. Samples/s counts reading the task and its pictures,
+answering and scoring: the model is loaded before the clock starts on both sides, and each side first
+answers the first `--warmup` questions untimed (the first calls of a process pay for kernel set-up and
+template compilation; `--warmup 0` times a cold start).
 
-    .venv/bin/python benchmarks/eval.py [--family vipllava|idefics] [--task vqav2|coco] [--n 200] [--batch-size 16]
-        [--threads 2]
+    .venv/bin/python benchmarks/eval.py [--family vipllava|idefics] [--task vqav2|coco] [--n 200]
+        [--batch-size 16] [--threads 2]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmkit.modules import RMSNorm, apply_rotary, rotate_half, signed_sin
+from vlmkit.modules import RMSNorm, apply_rotary, signed_sin
 
 
 @pytest.mark.parametrize("shape", [(1, 5, 32), (3, 17, 64), (16, 24, 192), (16, 1, 192), (4, 7, 13)])
@@ -27,6 +27,12 @@ def test_rms_norm_in_bf16_computes_in_fp32_and_scales_in_bf16():
     norm = RMSNorm(64).to(torch.bfloat16)
     h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps)
     assert torch.equal(norm(x), norm.weight * h.to(torch.bfloat16))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The reference's rotation: (x1, x2) -> (-x2, x1) over the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 4, 8), (16, 24, 4, 48), (1, 1, 32, 128)])

@@ -11,8 +11,9 @@ those after loading:
   PyTorch's packed int8 / int4 CPU kernels;
 - a vision tower's patch embedding runs as one matrix product where that measured faster than its
   convolution (`PatchEmbedding`).
-Outputs do not change, and anything that needs gradients, a wrapper such as peft's LoRA, or a re-assigned
-weight falls back to the plain path by itself.
+Outputs do not change beyond fp32 rounding (the patch embedding's product sums in another order than the
+convolution, with or without gradients); the linear paths fall back to the plain one by themselves for
+anything that needs gradients, a wrapper such as peft's LoRA, or a re-assigned weight.
 """
 
 from __future__ import annotations
@@ -139,15 +140,17 @@ def column_major_reads_faster(dtype: torch.dtype) -> bool:
         return best(cols) < best(rows)
 
 
+def warm_best_time(fn: Callable[[], object]) -> float:
+    """The shorter of two timed calls of fn after an untimed one (which pays for a new shape's set-up)."""
+    fn()
+    return best_time(fn, rounds=2)
+
+
 def measure_small_batches(weights: list[torch.Tensor], rows: tuple[int, ...] = (4, 16, 48)) -> None:
     """Time both kernels of `dense` on each new shape (out, in, dtype) among the row-major CPU `weights`, for
     a few activation rows (`rows`, best of two after a warm-up), and note in TRANSPOSED_FASTER whether
     `weight @ x.T` took less time in all. Once per shape and process: a few ms for a small model, about a
     second for the seven distinct shapes of a 7B one."""
-
-    def best(fn: Callable[[], object]) -> float:
-        fn()  # warm-up
-        return best_time(fn, rounds=2)
 
     with torch.no_grad():
         for w in weights:
@@ -158,8 +161,8 @@ def measure_small_batches(weights: list[torch.Tensor], rows: tuple[int, ...] = (
             plain = transposed = 0.0
             for n in rows:
                 x = torch.full((n, w.shape[1]), 0.01, dtype=w.dtype)
-                plain += best(lambda x=x, w=w: F.linear(x, w))
-                transposed += best(lambda x=x, w=w: torch.mm(w, x.t()).t().contiguous())
+                plain += warm_best_time(lambda x=x, w=w: F.linear(x, w))
+                transposed += warm_best_time(lambda x=x, w=w: torch.mm(w, x.t()).t().contiguous())
             TRANSPOSED_FASTER[key] = transposed < plain
 
 
@@ -199,15 +202,12 @@ def is_patch_embedding(conv: nn.Module) -> bool:
 
 
 def measure_patch_embeddings(model: nn.Module, pictures: tuple[int, ...] = (1, 4)) -> None:
-    """For each vision transformer's patch embedding in `model` (a module with `patch_embedding` and a config's
-    `image_size`), time the convolution and `PatchEmbedding`'s matrix product on `pictures` images of that
-    size (best of two after a warm-up) and make it a PatchEmbedding where the product took less time in all.
+    """For each vision transformer's patch embedding in `model` (a module with `patch_embedding` and a
+    config's `image_size`), time the convolution and `PatchEmbedding`'s matrix product on `pictures` images
+    of that size (best of two after a warm-up) and make it a PatchEmbedding where the product took less time
+    in all.
     Once per shape and process: a few ms for the demo models, under a second for CLIP-L at 336 px (where the
     convolution won on one 2-core EPYC, and the product won at 96 px)."""
-
-    def best(fn: Callable[[], object]) -> float:
-        fn()  # warm-up
-        return best_time(fn, rounds=2)
 
     with torch.no_grad():
         for module in model.modules():
@@ -221,8 +221,8 @@ def measure_patch_embeddings(model: nn.Module, pictures: tuple[int, ...] = (1, 4
                 plain = fused = 0.0
                 for n in pictures:
                     x = torch.full((n, conv.in_channels, side, side), 0.01, dtype=w.dtype, device=w.device)
-                    plain += best(lambda x=x, c=conv: nn.Conv2d.forward(c, x))
-                    fused += best(lambda x=x, c=conv: PatchEmbedding.forward(c, x))
+                    plain += warm_best_time(lambda x=x, c=conv: nn.Conv2d.forward(c, x))
+                    fused += warm_best_time(lambda x=x, c=conv: PatchEmbedding.forward(c, x))
                 PATCHES_AS_PRODUCT[key] = fused < plain
             if PATCHES_AS_PRODUCT[key]:
                 conv.__class__ = PatchEmbedding

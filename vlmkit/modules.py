@@ -135,11 +135,6 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     """The sine table (..., D) with its first half negated: `apply_rotary`'s form of it."""
     half = sin.shape[-1] // 2
@@ -148,8 +143,9 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Rotary embedding of x (B, T, H, D) (heads after positions) with cos and `signed_sin(sin)`, (B, T, D)
-    each: x * cos + rotate_half(x) * sin, equal to it bit for bit (rolling x by half its width and
-    negating the sine instead of x swaps the same signs), in four operations instead of seven."""
+    each: equal bit for bit to the reference's x * cos + rotate_half(x) * sin, where rotate_half maps the
+    halves (x1, x2) to (-x2, x1) (rolling x by half its width and negating the sine instead swaps the same
+    signs), in four operations instead of seven."""
     return x * cos[:, :, None] + x.roll(x.shape[-1] // 2, -1) * sin_signed[:, :, None]
 
 

@@ -42,9 +42,9 @@ def engine_answers(
 
     The engine's rows (batch_size x their length of keys and values, allocated at once) are as long as the
     prompts and answer budgets seen so far need, not max_seq_len: a 7B model's 16 rows of 2048 tokens take
-    16 GiB in bf16, where VQA prompts need about 640 tokens (5 GiB). A job that needs longer rows waits until the
-    running ones finish, and a new engine with rows at least twice as long takes over (so that happens a
-    few times at most)."""
+    16 GiB in bf16, where VQA prompts need about 640 tokens (5 GiB). A job that needs longer rows waits until
+    the running ones finish, and a new engine with rows at least twice as long takes over (so that happens
+    a few times at most)."""
     from vlmkit.serve.engine import Engine, Request
     from vlmkit.serve.errors import EngineError
 
