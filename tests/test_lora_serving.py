@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 from PIL import Image
 from test_serve import NAMES, Live, examples, openai_messages
 
@@ -193,3 +194,23 @@ def test_at_most_max_loaded_in_memory_and_mismatched_adapters_are_refused(traine
     other = vlmkit.VLM.load(NAMES["idefics" if family == "vipllava" else "vipllava"])
     with pytest.raises(AdapterError, match="another base model"):
         AdapterSet(other.model).add("a", folders["a"])
+
+
+def test_fused_projections_add_each_layers_own_update(trained):
+    """q/k/v and gate/up, fused into one product at load, take their adapters' updates in one product too; rows
+    with different adapters and none give the logits of the layers run one by one (the unfused path)."""
+    family, folders, merged = trained
+    vlm = vlmkit.VLM.load(NAMES[family], adapters=folders)
+    a, b = (vlm.adapters.get(name) for name in ANSWERS)
+    ex = questions(family, 1)[0]
+    one = vlm.chat_inputs([user_turn(ex.question, ex.images)])
+    batch = {k: v.repeat(3, *[1] * (v.dim() - 1)) for k, v in one.items() if isinstance(v, torch.Tensor)}
+    with vlm.adapters.rows([a, None, b]):
+        with torch.no_grad():
+            fused = vlm.model(**batch).logits
+        with torch.enable_grad():  # the layers one by one, each through its own hook
+            alone = vlm.model(**batch).logits.detach()
+    torch.testing.assert_close(fused, alone, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        base = vlm.model(**batch).logits
+    assert not torch.allclose(fused[0], base[0], atol=1e-3) and torch.allclose(fused[1], base[1], atol=1e-5)

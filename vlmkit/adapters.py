@@ -26,6 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+# one layer's stacked A.T and B.T (None: no adapter changes it); for fused layers, their A stacks side by
+# side, their B stacks block-diagonal, and each layer's rank
+Stack = tuple[torch.Tensor, torch.Tensor] | None
+JointStack = Stack | tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]
 PREFIX = "base_model.model."  # peft's name for the model it wraps, in front of every key
 REFUSED = {  # adapter_config.json settings whose weights are more than low-rank pairs on linear layers
     "use_dora": "DoRA",
@@ -148,9 +152,9 @@ class AdapterSet:
         self.loaded: OrderedDict[str, Adapter] = OrderedDict()
         self.hooked: dict[nn.Module, str] = {}
         self.call: Call | None = None
-        self.stacks: dict[
-            tuple[str, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor, tuple[Adapter, ...]]
-        ] = {}
+        # per set of adapters in use (by identity, the set itself kept so no id is reused while cached): each
+        # hooked layer's stacked pairs, filled as the layers run
+        self.stacks: dict[tuple[int, ...], tuple[tuple[Adapter, ...], dict[Any, JointStack]]] = {}
         self.lock = threading.Lock()
 
     # -- the registry ---------------------------------------------------------------------------
@@ -224,22 +228,30 @@ class AdapterSet:
                 for i, a in enumerate(adapters):
                     if a is not None:
                         which[i, slot[id(a)]] = 1.0
-            call = Call(tuple(present), which)
+            call = Call(tuple(present), which, self._stacks_of(tuple(present)))
         previous, self.call = self.call, call
         try:
             yield
         finally:
             self.call = previous
 
-    def _stack(self, path: str, present: tuple[Adapter, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The adapters' pairs of one layer side by side, transposed for the products: A.T (in, k * r) and B.T
-        (k * r, out), B scaled, each rank
-        padded to the largest with zeros (which add nothing); None when none of them changes this layer.
-        Kept while the same set of adapters is in use."""
-        key = (path, tuple(id(a) for a in present))
+    def _stacks_of(self, present: tuple[Adapter, ...]) -> dict[Any, JointStack]:
+        """The stacked pairs of each layer for this set of adapters, kept while the same set is in use (filled by
+        the hooks; at most 64 sets remembered)."""
+        key = tuple(id(a) for a in present)
         cached = self.stacks.get(key)
-        if cached is not None and all(c is a for c, a in zip(cached[2], present, strict=True)):
-            return cached[0], cached[1]
+        if cached is not None and all(c is a for c, a in zip(cached[0], present, strict=True)):
+            return cached[1]
+        if len(self.stacks) >= 64:
+            self.stacks.clear()
+        stacks: dict[Any, JointStack] = {}
+        self.stacks[key] = (present, stacks)
+        return stacks
+
+    def _stack(self, path: str, present: tuple[Adapter, ...]) -> Stack:
+        """The adapters' pairs of one layer side by side, transposed for the products: A.T (in, k * r) and B.T
+        (k * r, out), B scaled, each rank padded to the largest with zeros (which add nothing); None when none
+        of them changes this layer."""
         pairs = [a.layers.get(path) for a in present]
         if all(p is None for p in pairs):
             return None
@@ -252,25 +264,65 @@ class AdapterSet:
                 a, b, scale = pair
                 A[:, k * rank : k * rank + a.shape[0]] = a.t()
                 B[k * rank : k * rank + b.shape[1]] = (b * scale).t()
-        if len(self.stacks) > 1024:
-            self.stacks.clear()
-        self.stacks[key] = (A, B, present)
         return A, B
 
     def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         call = self.call
         if call is None:
             return output
-        stack = self._stack(self.hooked[module], call.adapters)
-        if stack is None:
+        stacks = call.stacks
+        if module in stacks:
+            stack = stacks[module]
+        else:
+            stack = stacks[module] = self._stack(self.hooked[module], call.adapters)
+        return output if stack is None else self._apply(call, stack, inputs[0], output)
+
+    def fused_hook(self, linears: list[nn.Module], x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """What `_hook` adds to each of `linears`, added at once to their joint output (the layers side by side,
+        as `fastpath.FusedLinears` computes them from the same input): one product with their A stacks side by
+        side and one with their B stacks placed block-diagonally."""
+        call = self.call
+        if call is None:
             return output
-        A, B = stack  # (in, k * r) and (k * r, out), laid out for the two products
-        x = inputs[0]
-        low = x.reshape(-1, x.shape[-1]).to(A.dtype) @ A  # every row through every adapter's A: one product
+        key = tuple(linears)
+        stacks = call.stacks
+        if key in stacks:
+            stack = stacks[key]
+        else:
+            stack = stacks[key] = self._joint_stack(linears, call.adapters)
+        return output if stack is None else self._apply(call, stack, x, output)
+
+    def _joint_stack(self, linears: list[nn.Module], present: tuple[Adapter, ...]) -> JointStack:
+        parts = [self._stack(self.hooked[lin], present) if lin in self.hooked else None for lin in linears]
+        if all(p is None for p in parts):
+            return None
+        some = next(p for p in parts if p is not None)
+        outs = [lin.out_features for lin in linears]
+        ranks = tuple(p[0].shape[1] // len(present) for p in parts if p is not None)
+        B = some[1].new_zeros(sum(p[0].shape[1] for p in parts if p is not None), sum(outs))
+        row = col = 0
+        for part, n in zip(parts, outs, strict=True):
+            if part is not None:
+                B[row : row + part[1].shape[0], col : col + n] = part[1]
+                row += part[1].shape[0]
+            col += n
+        return torch.cat([p[0] for p in parts if p is not None], dim=1), B, ranks
+
+    @staticmethod
+    def _apply(call: Call, stack: JointStack, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """output + each row's own adapters' scale * (x @ A.T) @ B.T, for A and B stacked as `_stack` or
+        `_joint_stack` lay them out."""
+        A, B = stack[0], stack[1]
+        ranks = stack[2] if len(stack) == 3 else (A.shape[1] // len(call.adapters),)
+        flat = x.reshape(-1, x.shape[-1])
+        low = (
+            flat if flat.dtype == A.dtype else flat.to(A.dtype)
+        ) @ A  # every row through every A: one product
         if call.which is not None:  # keep each row's own adapter's columns (rows without one keep none)
-            low.mul_(call.columns(A.shape[1] // len(call.adapters), A, x.shape[-2] if x.dim() == 3 else 1))
-        flat = output.reshape(-1, output.shape[-1])
-        return torch.addmm(flat, low.to(output.dtype), B.to(output.dtype)).view(output.shape)
+            low.mul_(call.columns(ranks, A, x.shape[-2] if x.dim() == 3 else 1))
+        if low.dtype != output.dtype:
+            low, B = low.to(output.dtype), B.to(output.dtype)
+        return torch.addmm(output.reshape(-1, output.shape[-1]), low, B).view(output.shape)
 
 
 @dataclass
@@ -280,14 +332,15 @@ class Call:
 
     adapters: tuple[Adapter, ...]
     which: torch.Tensor | None
-    _columns: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    stacks: dict[Any, JointStack]
+    _columns: dict[tuple[tuple[int, ...], int], torch.Tensor] = field(default_factory=dict)
 
-    def columns(self, rank: int, like: torch.Tensor, tokens: int) -> torch.Tensor:
-        """(n * tokens, k * rank): 1 on the columns of each row's own adapter, for stacks of that rank and
-        calls of `tokens` positions per row."""
-        mask = self._columns.get((rank, tokens))
+    def columns(self, ranks: tuple[int, ...], like: torch.Tensor, tokens: int) -> torch.Tensor:
+        """(n * tokens, k * sum(ranks)): 1 on the columns of each row's own adapter, for stacks of these ranks
+        side by side (one per layer) and calls of `tokens` positions per row."""
+        mask = self._columns.get((ranks, tokens))
         if mask is None:
-            mask = self.which.repeat_interleave(rank, dim=1).repeat_interleave(tokens, dim=0)
-            mask = mask.to(like.device, like.dtype)
-            self._columns[(rank, tokens)] = mask
+            mask = torch.cat([self.which.repeat_interleave(r, dim=1) for r in ranks], dim=1)
+            mask = mask.repeat_interleave(tokens, dim=0).to(like.device, like.dtype)
+            self._columns[(ranks, tokens)] = mask
         return mask

@@ -109,11 +109,21 @@ class FusedLinears:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.usable():
-            outs = list(dense(x, self.weight).split(self.sizes, dim=-1))
-            for i, lin in enumerate(
-                self.linears
-            ):  # what a layer's forward hooks add (LoRA adapters) still applies
-                for hook in lin._forward_hooks.values():
+            out = dense(x, self.weight)
+            hooks = [list(lin._forward_hooks.values()) for lin in self.linears]
+            if not any(hooks):
+                return list(out.split(self.sizes, dim=-1))
+            # what the layers' forward hooks add (LoRA adapters) still applies: at once to the joint output
+            # where one object hooks every layer it changes and offers `fused_hook`, else layer by layer
+            first = next(h for h in hooks if h)
+            owner = getattr(first[0], "__self__", None)
+            if hasattr(owner, "fused_hook") and all(
+                not h or (len(h) == 1 and getattr(h[0], "__self__", None) is owner) for h in hooks
+            ):
+                return list(owner.fused_hook(self.linears, x, out).split(self.sizes, dim=-1))
+            outs = list(out.split(self.sizes, dim=-1))
+            for i, lin in enumerate(self.linears):
+                for hook in hooks[i]:
                     result = hook(lin, (x,), outs[i])
                     outs[i] = outs[i] if result is None else result
             return outs
