@@ -9,10 +9,12 @@ template (tensors equal to transformers' processor's), answer greedily with the 
 end tokens, and are scored with the task's metric. Samples/s counts reading the task and its pictures,
 answering and scoring: the model is loaded before the clock starts on both sides, and each side first
 answers the first `--warmup` questions untimed (the first calls of a process pay for kernel set-up and
-template compilation; `--warmup 0` times a cold start).
+template compilation; `--warmup 0` times a cold start). Each side then answers the whole task `--repeats`
+times, the two sides taking turns, and the median pass of each side counts (one pass of the batched side
+takes under a second, so a single pass moved by several percent with the machine's speed).
 
     .venv/bin/python benchmarks/eval.py [--family vipllava|idefics] [--task vqav2|coco] [--n 200]
-        [--batch-size 16] [--threads 2]
+        [--batch-size 16] [--threads 2] [--warmup 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,9 +61,12 @@ def write_task(task: str, folder: Path, family: str, n: int) -> None:
         write_captions(folder, examples)
 
 
-def transformers_loop(data: Path, warmup: int, family: str, task_name: str) -> tuple[float, list[str], dict]:
-    """Seconds to answer and score every question one at a time with transformers' generate (after
-    answering the first `warmup` untimed), the answers and the scores."""
+def transformers_loop(
+    data: Path, warmup: int, family: str, task_name: str
+) -> Callable[[], tuple[float, list[str], dict]]:
+    """Transformers' side, loaded and with the first `warmup` questions answered untimed: a function that
+    answers and scores every question one at a time with transformers' generate and returns the seconds that
+    took, the answers and the scores."""
     from transformers import IdeficsForVisionText2Text, VipLlavaForConditionalGeneration
 
     classes = {"vipllava": VipLlavaForConditionalGeneration, "idefics": IdeficsForVisionText2Text}
@@ -87,11 +94,20 @@ def transformers_loop(data: Path, warmup: int, family: str, task_name: str) -> t
     with torch.inference_mode():
         for s in task.samples(data)[:warmup]:
             answer(s)
-        start = time.perf_counter()  # the task's files are read on the clock, as `evaluate` reads them
-        samples = task.samples(data)
-        answers = [answer(s) for s in samples]
-        scores, _ = task.score(samples, answers)
-    return time.perf_counter() - start, answers, scores
+
+    def run() -> tuple[float, list[str], dict]:
+        with torch.inference_mode():
+            start = time.perf_counter()  # the task's files are read on the clock, as `evaluate` reads them
+            samples = task.samples(data)
+            answers = [answer(s) for s in samples]
+            scores, _ = task.score(samples, answers)
+        return time.perf_counter() - start, answers, scores
+
+    return run
+
+
+def runs(side: dict) -> str:
+    return " / ".join(f"{x:.1f}" for x in side["runs_samples_per_s"])
 
 
 def main() -> None:
@@ -104,6 +120,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=16, help="questions each side answers before the clock")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed passes per side, taking turns; the median of each counts",
+    )
     ap.add_argument("--output", type=Path, default=None, help="default: build/bench/eval-FAMILY-TASK.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,12 +143,17 @@ def main() -> None:
                 batch_size=args.batch_size,
                 progress=False,
             )
-        start = time.perf_counter()
-        ours = evaluate(
-            args.task, data, vlm, prompt=PROMPTS[args.task], batch_size=args.batch_size, progress=False
-        )
-        ours_s = time.perf_counter() - start
-        theirs_s, theirs, theirs_scores = transformers_loop(data, args.warmup, args.family, args.task)
+        transformers_run = transformers_loop(data, args.warmup, args.family, args.task)
+        ours_runs, theirs_runs = [], []
+        for _ in range(args.repeats):  # the sides take turns, so a drift in the machine's speed hits both
+            start = time.perf_counter()
+            ours = evaluate(
+                args.task, data, vlm, prompt=PROMPTS[args.task], batch_size=args.batch_size, progress=False
+            )
+            ours_runs.append(time.perf_counter() - start)
+            theirs_s, theirs, theirs_scores = transformers_run()
+            theirs_runs.append(theirs_s)
+        ours_s, theirs_s = statistics.median(ours_runs), statistics.median(theirs_runs)
     same = sum(r["output"] == t for r, t in zip(ours.samples, theirs, strict=True))
     metric = "accuracy" if args.task == "vqav2" else "cider"  # the task's headline score
     result = {
@@ -136,22 +163,23 @@ def main() -> None:
         "threads": args.threads,
         "samples": args.n,
         "warmup": args.warmup,
+        "repeats": args.repeats,
         "vlmkit": {"batch_size": args.batch_size, "seconds": ours_s, "samples_per_s": args.n / ours_s,
-                   metric: ours.scores[metric]},
+                   "runs_samples_per_s": [args.n / t for t in ours_runs], metric: ours.scores[metric]},
         "transformers": {"batch_size": 1, "seconds": theirs_s, "samples_per_s": args.n / theirs_s,
-                         metric: theirs_scores[metric]},
+                         "runs_samples_per_s": [args.n / t for t in theirs_runs], metric: theirs_scores[metric]},
         "speedup": theirs_s / ours_s,
         "same_answers": same,
     }  # fmt: skip
     layout = {"vqav2": "VQAv2-layout questions", "coco": "COCO-layout pictures to caption"}[args.task]
     print(
         f"{result['cpu']}, {args.threads} threads, {args.n} {layout}, {NAMES[args.family]}, "
-        f"{args.warmup} answered first untimed\n"
+        f"{args.warmup} answered first untimed, median of {args.repeats} timed passes per side\n"
         f"  vlmkit eval, batch {args.batch_size}: {result['vlmkit']['samples_per_s']:.1f} samples/s "
-        f"({metric} {ours.scores[metric]:.1f})\n"
+        f"({metric} {ours.scores[metric]:.1f}; passes {runs(result['vlmkit'])})\n"
         f"  transformers, one at a time: {result['transformers']['samples_per_s']:.1f} samples/s "
-        f"({metric} {theirs_scores[metric]:.1f})\n"
-        f"  speed-up {result['speedup']:.1f}x; identical answers {same}/{args.n}"
+        f"({metric} {theirs_scores[metric]:.1f}; passes {runs(result['transformers'])})\n"
+        f"  speed-up {result['speedup']:.2f}x; identical answers {same}/{args.n}"
     )
     output = args.output or Path(f"build/bench/eval-{args.family}-{args.task}.json")
     output.parent.mkdir(parents=True, exist_ok=True)
