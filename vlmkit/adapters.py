@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-# one layer's stacked A.T and B.T (None: no adapter changes it); for fused layers, their A stacks side by
-# side, their B stacks block-diagonal, and each layer's rank
-Stack = tuple[torch.Tensor, torch.Tensor] | None
-JointStack = Stack | tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]
+Stack = (
+    tuple[torch.Tensor, torch.Tensor] | None
+)  # one layer's stacked A.T and B.T; None: no adapter changes it
+STACKS_KEPT = 1024  # layers' stacks remembered over the sets of adapters in use
 PREFIX = "base_model.model."  # peft's name for the model it wraps, in front of every key
 REFUSED = {  # adapter_config.json settings whose weights are more than low-rank pairs on linear layers
     "use_dora": "DoRA",
@@ -154,7 +154,7 @@ class AdapterSet:
         self.call: Call | None = None
         # per set of adapters in use (by identity, the set itself kept so no id is reused while cached): each
         # hooked layer's stacked pairs, filled as the layers run
-        self.stacks: dict[tuple[int, ...], tuple[tuple[Adapter, ...], dict[Any, JointStack]]] = {}
+        self.stacks: dict[tuple[int, ...], tuple[tuple[Adapter, ...], dict[Any, Any]]] = {}
         self.lock = threading.Lock()
 
     # -- the registry ---------------------------------------------------------------------------
@@ -235,16 +235,17 @@ class AdapterSet:
         finally:
             self.call = previous
 
-    def _stacks_of(self, present: tuple[Adapter, ...]) -> dict[Any, JointStack]:
+    def _stacks_of(self, present: tuple[Adapter, ...]) -> dict[Any, Stack | Joint]:
         """The stacked pairs of each layer for this set of adapters, kept while the same set is in use (filled by
-        the hooks; at most 64 sets remembered)."""
+        the hooks). At most STACKS_KEPT layers' stacks are remembered over all sets: past that, every set's
+        are dropped (each set's take about the bytes of its adapters)."""
         key = tuple(id(a) for a in present)
         cached = self.stacks.get(key)
         if cached is not None and all(c is a for c, a in zip(cached[0], present, strict=True)):
             return cached[1]
-        if len(self.stacks) >= 64:
+        if sum(len(kept) for _, kept in self.stacks.values()) > STACKS_KEPT:
             self.stacks.clear()
-        stacks: dict[Any, JointStack] = {}
+        stacks: dict[Any, Stack | Joint] = {}
         self.stacks[key] = (present, stacks)
         return stacks
 
@@ -275,54 +276,73 @@ class AdapterSet:
             stack = stacks[module]
         else:
             stack = stacks[module] = self._stack(self.hooked[module], call.adapters)
-        return output if stack is None else self._apply(call, stack, inputs[0], output)
+        if stack is None:
+            return output
+        A, B = stack  # (in, k * r) and (k * r, out), laid out for the two products
+        low = self._low(call, A, (A.shape[1] // len(call.adapters),), inputs[0])
+        if low.dtype != output.dtype:
+            low, B = low.to(output.dtype), B.to(output.dtype)
+        return torch.addmm(output.reshape(-1, output.shape[-1]), low, B).view(output.shape)
 
     def fused_hook(self, linears: list[nn.Module], x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """What `_hook` adds to each of `linears`, added at once to their joint output (the layers side by side,
-        as `fastpath.FusedLinears` computes them from the same input): one product with their A stacks side by
-        side and one with their B stacks placed block-diagonally."""
+        """What `_hook` adds to each of `linears`, added in place to their joint output (the layers side by
+        side, as `fastpath.FusedLinears` computes them from the same input): one product with all their A
+        stacks side by side, then each layer's B into its own columns."""
         call = self.call
         if call is None:
             return output
         key = tuple(linears)
         stacks = call.stacks
         if key in stacks:
-            stack = stacks[key]
+            joint = stacks[key]
         else:
-            stack = stacks[key] = self._joint_stack(linears, call.adapters)
-        return output if stack is None else self._apply(call, stack, x, output)
+            joint = stacks[key] = self._joint(linears, call.adapters)
+        if joint is None:
+            return output
+        low = self._low(call, joint.A, joint.ranks, x)
+        flat = output.view(-1, output.shape[-1])
+        same = low.dtype == flat.dtype
+        for columns, lows, B in joint.blocks:
+            if same:
+                flat[:, columns].addmm_(low[:, lows], B)
+            else:
+                flat[:, columns].addmm_(low[:, lows].to(flat.dtype), B.to(flat.dtype))
+        return output
 
-    def _joint_stack(self, linears: list[nn.Module], present: tuple[Adapter, ...]) -> JointStack:
+    def _joint(self, linears: list[nn.Module], present: tuple[Adapter, ...]) -> Joint | None:
         parts = [self._stack(self.hooked[lin], present) if lin in self.hooked else None for lin in linears]
         if all(p is None for p in parts):
             return None
-        some = next(p for p in parts if p is not None)
-        outs = [lin.out_features for lin in linears]
-        ranks = tuple(p[0].shape[1] // len(present) for p in parts if p is not None)
-        B = some[1].new_zeros(sum(p[0].shape[1] for p in parts if p is not None), sum(outs))
-        row = col = 0
-        for part, n in zip(parts, outs, strict=True):
+        blocks, ranks, low, column = [], [], 0, 0
+        for part, lin in zip(parts, linears, strict=True):
             if part is not None:
-                B[row : row + part[1].shape[0], col : col + n] = part[1]
-                row += part[1].shape[0]
-            col += n
-        return torch.cat([p[0] for p in parts if p is not None], dim=1), B, ranks
+                width = part[0].shape[1]
+                blocks.append((slice(column, column + lin.out_features), slice(low, low + width), part[1]))
+                ranks.append(width // len(present))
+                low += width
+            column += lin.out_features
+        A = torch.cat([p[0] for p in parts if p is not None], dim=1)
+        return Joint(A, tuple(blocks), tuple(ranks))
 
     @staticmethod
-    def _apply(call: Call, stack: JointStack, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """output + each row's own adapters' scale * (x @ A.T) @ B.T, for A and B stacked as `_stack` or
-        `_joint_stack` lay them out."""
-        A, B = stack[0], stack[1]
-        ranks = stack[2] if len(stack) == 3 else (A.shape[1] // len(call.adapters),)
+    def _low(call: Call, A: torch.Tensor, ranks: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+        """x @ A (every row through every adapter's A: one product), each row keeping its own adapter's
+        columns (rows without one keep none)."""
         flat = x.reshape(-1, x.shape[-1])
-        low = (
-            flat if flat.dtype == A.dtype else flat.to(A.dtype)
-        ) @ A  # every row through every A: one product
-        if call.which is not None:  # keep each row's own adapter's columns (rows without one keep none)
+        low = (flat if flat.dtype == A.dtype else flat.to(A.dtype)) @ A
+        if call.which is not None:
             low.mul_(call.columns(ranks, A, x.shape[-2] if x.dim() == 3 else 1))
-        if low.dtype != output.dtype:
-            low, B = low.to(output.dtype), B.to(output.dtype)
-        return torch.addmm(output.reshape(-1, output.shape[-1]), low, B).view(output.shape)
+        return low
+
+
+@dataclass(frozen=True)
+class Joint:
+    """The stacks of fused layers (one product from the same input): their A stacks side by side, and per
+    changed layer its output columns, its columns of x @ A, and its B stack; each changed layer's rank."""
+
+    A: torch.Tensor
+    blocks: tuple[tuple[slice, slice, torch.Tensor], ...]
+    ranks: tuple[int, ...]
 
 
 @dataclass
@@ -332,7 +352,7 @@ class Call:
 
     adapters: tuple[Adapter, ...]
     which: torch.Tensor | None
-    stacks: dict[Any, JointStack]
+    stacks: dict[Any, Any]  # per layer (or fused group): its Stack (or Joint)
     _columns: dict[tuple[tuple[int, ...], int], torch.Tensor] = field(default_factory=dict)
 
     def columns(self, ranks: tuple[int, ...], like: torch.Tensor, tokens: int) -> torch.Tensor:
