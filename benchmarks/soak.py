@@ -49,6 +49,8 @@ from typing import Any
 
 import httpx
 
+from vlmkit.serve.launch import start_serve
+
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 HEALTH_LIMIT_S = 1.0
 DRIFT_LIMIT_PCT = 5.0
@@ -407,29 +409,6 @@ class Watch:
 # -- the run ------------------------------------------------------------------------------------
 
 
-def start_server(model: str, port: int, body_limit: int, extra: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    cmd = [sys.executable, "-m", "vlmkit", "serve", "--model", model, "--port", str(port)]
-    cmd += ["--max-body-bytes", str(body_limit), *extra]
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode} before it was ready")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"the server was not ready within {timeout:g} s")
-
-
 def settle(base: str, expected_total: int, timeout: float) -> dict[str, Counter]:
     """The server's request counts once every request has ended there (its count reaches the clients') and
     nothing runs or waits, or when `timeout` is up."""
@@ -489,10 +468,12 @@ def soak(args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
     log = Path(args.log or tempfile.mkstemp(prefix="vlmkit-soak-", suffix=".log")[1])
     family = "idefics" if "idefics" in args.model else "vipllava"
     material = Material.make(family, args.max_body_bytes, args.seed)
-    proc = start_server(args.model, port, args.max_body_bytes, extra, log)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    serve_args = ["--model", args.model, "--max-body-bytes", str(args.max_body_bytes), *extra]
+    proc = start_serve(serve_args, port=port, log=log, env=env, timeout=args.startup_timeout)
     tally, stop, stop_watch = Tally(), threading.Event(), threading.Event()
     try:
-        wait_ready(base, proc, args.startup_timeout)
         watch = Watch(base, proc.pid)
         watch.sample()
         prober = httpx.Client(base_url=base, timeout=5.0)

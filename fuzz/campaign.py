@@ -38,6 +38,8 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).parent))
 from strategies import messages  # noqa: E402
 
+from vlmkit.serve.launch import start_serve  # noqa: E402
+
 KNOWN = {"prompt": "Describe the picture.", "max_tokens": 12, "temperature": 0}
 SERVER_ARGS = ["--max-seq-len", "256", "--max-tokens-default", "16", "--timeout", "20", "--max-batch", "8"]
 
@@ -259,33 +261,9 @@ def run_campaign(
 
 
 def start_server(model: str, port: int, extra: list[str], log: Path) -> subprocess.Popen:
-    """`vlmkit serve` on `port`, its output going to the file `log` (a pipe nobody reads would fill and
-    stall the server), once it answers /health."""
+    """`vlmkit serve` on `port`, its output going to the file `log`, once it answers /health."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "vlmkit",
-        "serve",
-        "--model",
-        model,
-        "--port",
-        str(port),
-        *SERVER_ARGS,
-        *extra,
-    ]
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    for _ in range(600):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {log.read_text()[-3000:]}") from None
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the server did not become healthy in 60 s")
+    return start_serve(["--model", model, *SERVER_ARGS, *extra], port=port, log=log, env=env, timeout=60)
 
 
 def main() -> int:

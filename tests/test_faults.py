@@ -29,6 +29,7 @@ from test_serve import data_uri, free_port
 import vlmkit
 from vlmkit import weights
 from vlmkit.cli import main as cli_main
+from vlmkit.serve.launch import ServerStartError, start_serve
 from vlmkit.train.checkpoints import CheckpointWriteError
 from vlmkit.train.finetune import FinetuneConfig, finetune
 
@@ -41,19 +42,17 @@ EXAMPLES = ROOT / "vlmkit" / "demo" / "examples"
 
 
 def start_server(port: int, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "vlmkit", "serve", "--port", str(port), "--max-seq-len", "2048"]
-    with open(log, "a") as out:
-        proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"the server was not ready in 120 s: {log.read_text()[-3000:]}")
+    return start_serve(["--max-seq-len", "2048"], port=port, log=log, env=ENV, append=True)
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path):
+    """start_serve, which the soak, the fuzz campaign and these tests start servers with, says why a server
+    exited instead of waiting out its timeout."""
+    log = tmp_path / "server.log"
+    started = time.monotonic()
+    with pytest.raises(ServerStartError, match="exited with status 2 before it answered /health") as caught:
+        start_serve(["--model", str(tmp_path / "no-such-model")], port=free_port(), log=log, env=ENV)
+    assert "no-such-model" in str(caught.value) and time.monotonic() - started < 60
 
 
 def known_question(base: str) -> str:

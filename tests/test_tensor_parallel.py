@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,6 +24,7 @@ from tp_worker import checks, picture
 import vlmkit
 from vlmkit.cli import main as cli_main
 from vlmkit.plan import memory_plan
+from vlmkit.serve.launch import start_serve
 
 TOL = 1e-4
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -133,39 +133,21 @@ def ask(base: str) -> list[str]:
     return out + [c["text"] for c in reply["choices"]]
 
 
-def wait_healthy(base: str, proc: subprocess.Popen) -> None:
-    for _ in range(600):
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        try:
-            if httpx.get(base + "/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError("the server did not come up")
-
-
-def test_split_server_and_generate_equal_one_process(folders):
+def test_split_server_and_generate_equal_one_process(folders, tmp_path):
     folder = folders[0]
     answers = {}
     for name, launcher in (("one", [sys.executable, "-m", "vlmkit"]), ("two", [*TORCHRUN, "-m", "vlmkit"])):
-        port = free_port()
+        port, log = free_port(), tmp_path / f"serve-{name}.log"
         tp = ["--tp", "2"] if name == "two" else []
-        proc = subprocess.Popen(
-            [*launcher, "serve", "--model", str(folder), "--port", str(port), "--dtype", "float32", *tp],
-            env=ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+        serve_args = ["--model", str(folder), "--dtype", "float32", *tp]
+        proc = start_serve(serve_args, port=port, log=log, launcher=launcher, env=ENV, new_session=True)
         try:
-            wait_healthy(f"http://127.0.0.1:{port}", proc)
             answers[name] = ask(f"http://127.0.0.1:{port}")
             # as a terminal's Ctrl-C or a supervisor reaches every process: rank 0 drains, then releases rank 1
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(60)
-            log = proc.communicate()[0]
-            assert "Application shutdown complete" in log, log[-3000:]
+            text = log.read_text()
+            assert "Application shutdown complete" in text, text[-3000:]
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
