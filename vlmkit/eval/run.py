@@ -222,8 +222,8 @@ def evaluate(
     answered = 0
     if todo:
         vlm = model if isinstance(model, VLM) else None
-        if vlm is None:  # the one-row CPU layout: an evaluation's time goes to prefills (each request's
-            # prompt runs alone), which it runs faster than the batched layout (the demo: 1.35x)
+        if vlm is None:  # the default (one-row) CPU layout: with the prompts joining one prefill, the
+            # batched layout measured no faster on the demo's evaluation (2026-12-07, AMD EPYC)
             vlm = VLM.load(
                 model,
                 dtype=dtype,
