@@ -9,9 +9,9 @@ template (tensors equal to transformers' processor's), answer greedily with the 
 end tokens, and are scored with the task's metric. Samples/s counts reading the task and its pictures,
 answering and scoring: the model is loaded before the clock starts on both sides, and each side first
 answers the first `--warmup` questions untimed (the first calls of a process pay for kernel set-up and
-template compilation; `--warmup 0` times a cold start). Each side then answers the whole task `--repeats`
-times, the two sides taking turns, and the median pass of each side counts (one pass of the batched side
-takes under a second, so a single pass moved by several percent with the machine's speed).
+template compilation; `--warmup 0 --repeats 1` times a cold start). Each side then answers the whole task
+`--repeats` times, the two sides taking turns, and the median pass of each side counts (one pass of the
+batched side takes under a second, so a single pass moved by several percent with the machine's speed).
 
     .venv/bin/python benchmarks/eval.py [--family vipllava|idefics] [--task vqav2|coco] [--n 200]
         [--batch-size 16] [--threads 2] [--warmup 16] [--repeats 3]
@@ -128,6 +128,8 @@ def main() -> None:
     )
     ap.add_argument("--output", type=Path, default=None, help="default: build/bench/eval-FAMILY-TASK.json")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / args.task

@@ -53,6 +53,17 @@ def test_a_server_that_cannot_start_is_reported_with_its_log(tmp_path):
     with pytest.raises(ServerStartError, match="exited with status 2 before it answered /health") as caught:
         start_serve(["--model", str(tmp_path / "no-such-model")], port=free_port(), log=log, env=ENV)
     assert "no-such-model" in str(caught.value) and time.monotonic() - started < 60
+    port = free_port()  # not healthy in time: reported, and the process is gone
+    with pytest.raises(ServerStartError, match="did not answer /health within 0.5 s"):
+        start_serve([], port=port, log=log, env=ENV, timeout=0.5)
+    assert not [p for p in Path("/proc").glob("[0-9]*") if f"--port\0{port}\0".encode() in cmdline(p)]
+
+
+def cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""
 
 
 def known_question(base: str) -> str:

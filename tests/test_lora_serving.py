@@ -214,3 +214,51 @@ def test_fused_projections_add_each_layers_own_update(trained):
     with torch.no_grad():
         base = vlm.model(**batch).logits
     assert not torch.allclose(fused[0], base[0], atol=1e-3) and torch.allclose(fused[1], base[1], atol=1e-5)
+
+
+def random_adapter(folder: Path, model, ranks: dict[str, int], seed: int) -> Path:
+    """A peft folder with random pairs of the given rank on those projections (by name) of every decoder layer."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.named_modules():
+        rank = ranks.get(name.rpartition(".")[2])
+        if rank and name.startswith("language_model.") and ".layers." in name:
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(
+                rank, module.in_features, generator=g
+            )
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(
+                module.out_features, rank, generator=g
+            )
+    folder.mkdir(parents=True)
+    save_file({k: v * 0.05 for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_alpha": 4, "r": 4}))
+    return folder
+
+
+def test_fused_groups_with_ranks_that_differ_by_adapter_and_layer(tmp_path):
+    """Adapters of different ranks, each changing a different part of the fused groups (one q and k, the other
+    q and v; gate in one, up in the other), in one batch with a row that has none: the fused products give the
+    layers' own results."""
+    vlm = vlmkit.VLM.load("demo")
+    x_ranks = {"q_proj": 4, "k_proj": 2, "gate_proj": 8, "down_proj": 3}
+    y_ranks = {"q_proj": 2, "v_proj": 6, "up_proj": 5, "o_proj": 1}
+    vlm.adapters = AdapterSet(vlm.model)
+    x = vlm.adapters.add("x", random_adapter(tmp_path / "x", vlm.model, x_ranks, 0))
+    y = vlm.adapters.add("y", random_adapter(tmp_path / "y", vlm.model, y_ranks, 1))
+    ex = questions("vipllava", 1)[0]
+    one = vlm.chat_inputs([user_turn(ex.question, ex.images)])
+    batch = {k: v.repeat(4, *[1] * (v.dim() - 1)) for k, v in one.items() if isinstance(v, torch.Tensor)}
+    with vlm.adapters.rows([x, None, y, x]):
+        with torch.no_grad():
+            fused = vlm.model(**batch).logits
+        with torch.enable_grad():
+            alone = vlm.model(**batch).logits.detach()
+    torch.testing.assert_close(fused, alone, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        base = vlm.model(**batch).logits
+    assert torch.allclose(fused[1], base[1], atol=1e-5) and torch.equal(fused[0], fused[3])
+    assert not torch.allclose(fused[0], base[0], atol=1e-3) and not torch.allclose(
+        fused[2], base[2], atol=1e-3
+    )

@@ -26,9 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-Stack = (
-    tuple[torch.Tensor, torch.Tensor] | None
-)  # one layer's stacked A.T and B.T; None: no adapter changes it
+# one layer's stacked A.T and B.T; None: no adapter changes it
+Stack = tuple[torch.Tensor, torch.Tensor] | None
 STACKS_KEPT = 1024  # layers' stacks remembered over the sets of adapters in use
 PREFIX = "base_model.model."  # peft's name for the model it wraps, in front of every key
 REFUSED = {  # adapter_config.json settings whose weights are more than low-rank pairs on linear layers
@@ -205,9 +204,9 @@ class AdapterSet:
         modules = dict(self.model.named_modules())
         for path in adapter.layers:
             module = modules[path]
-            if module not in self.hooked:
-                module.register_forward_hook(self._hook)
+            if module not in self.hooked:  # known before its hook can run (the engine may be running)
                 self.hooked[module] = path
+                module.register_forward_hook(self._hook)
 
     # -- applying them --------------------------------------------------------------------------
 
@@ -243,7 +242,7 @@ class AdapterSet:
         cached = self.stacks.get(key)
         if cached is not None and all(c is a for c, a in zip(cached[0], present, strict=True)):
             return cached[1]
-        if sum(len(kept) for _, kept in self.stacks.values()) > STACKS_KEPT:
+        if sum(layers_in(kept) for _, kept in self.stacks.values()) > STACKS_KEPT:
             self.stacks.clear()
         stacks: dict[Any, Stack | Joint] = {}
         self.stacks[key] = (present, stacks)
@@ -310,6 +309,7 @@ class AdapterSet:
         return output
 
     def _joint(self, linears: list[nn.Module], present: tuple[Adapter, ...]) -> Joint | None:
+        """The stacks of a fused group for these adapters (None when none of them changes any of its layers)."""
         parts = [self._stack(self.hooked[lin], present) if lin in self.hooked else None for lin in linears]
         if all(p is None for p in parts):
             return None
@@ -333,6 +333,11 @@ class AdapterSet:
         if call.which is not None:
             low.mul_(call.columns(ranks, A, x.shape[-2] if x.dim() == 3 else 1))
         return low
+
+
+def layers_in(stacks: dict[Any, Any]) -> int:
+    """How many layers' stacks a set keeps (a fused group's count each)."""
+    return sum(len(v.blocks) if isinstance(v, Joint) else 1 for v in stacks.values())
 
 
 @dataclass(frozen=True)

@@ -43,19 +43,33 @@ def start_serve(
     env: the child's environment (default: this process's); new_session: start it in a process group of
     its own, so that a signal to the group reaches every process (torchrun's ranks).
 
-    Raises ServerStartError, with the end of the log, when the process exits first or `timeout` seconds pass
-    (the process is killed then)."""
+    Raises ServerStartError, with the end of the log, when the process exits first or `timeout` seconds pass.
+    Whatever ends the wait (that, or an interrupt), the process (and with new_session its group) is killed
+    first."""
     launcher = list(launcher) if launcher is not None else [sys.executable, "-m", "vlmkit"]
     log = Path(log)
+    child_env = {
+        **(os.environ if env is None else env),
+        "PYTHONUNBUFFERED": "1",
+    }  # its last lines reach the log
     with log.open("a" if append else "w") as out:
         proc = subprocess.Popen(
             [*launcher, "serve", "--port", str(port), *args],
-            env=dict(env) if env is not None else None,
+            env=child_env,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=new_session,
         )
-    url = f"http://127.0.0.1:{port}/health"
+    try:
+        wait_healthy(proc, f"http://127.0.0.1:{port}/health", timeout, log)
+    except BaseException:  # exited, timed out, or interrupted while waiting: nothing is left running
+        if proc.poll() is None or new_session:
+            stop_now(proc, new_session)
+        raise
+    return proc
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -65,18 +79,25 @@ def start_serve(
             )
         try:
             if httpx.get(url, timeout=2).status_code == 200:
-                return proc
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    if new_session:
-        os.killpg(proc.pid, signal.SIGKILL)
-    else:
-        proc.kill()
-    proc.wait()
     raise ServerStartError(
         f"`vlmkit serve` did not answer /health within {timeout:g} s; the end of its log ({log}):\n{tail(log)}"
     )
+
+
+def stop_now(proc: subprocess.Popen, group: bool) -> None:
+    """SIGKILL the process (and with `group`, every process of its group: torchrun's ranks) and reap it."""
+    try:
+        if group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+    except ProcessLookupError:  # already gone
+        pass
+    proc.wait()
 
 
 def tail(path: Path, chars: int = 3000) -> str:
