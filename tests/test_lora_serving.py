@@ -202,18 +202,26 @@ def test_fused_projections_add_each_layers_own_update(trained):
     family, folders, merged = trained
     vlm = vlmkit.VLM.load(NAMES[family], adapters=folders)
     a, b = (vlm.adapters.get(name) for name in ANSWERS)
+    fused, alone, base = fused_alone_and_base(vlm, family, [a, None, b])
+    torch.testing.assert_close(fused, alone, rtol=0, atol=1e-5)
+    assert not torch.allclose(fused[0], base[0], atol=1e-3) and torch.allclose(fused[1], base[1], atol=1e-5)
+
+
+def fused_alone_and_base(vlm, family: str, adapters: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of one question repeated in a row per entry of `adapters` (None: the base model): through the
+    fused products, through the layers one by one (each its own hook, as with gradients), and without any."""
     ex = questions(family, 1)[0]
     one = vlm.chat_inputs([user_turn(ex.question, ex.images)])
-    batch = {k: v.repeat(3, *[1] * (v.dim() - 1)) for k, v in one.items() if isinstance(v, torch.Tensor)}
-    with vlm.adapters.rows([a, None, b]):
+    n = len(adapters)
+    batch = {k: v.repeat(n, *[1] * (v.dim() - 1)) for k, v in one.items() if isinstance(v, torch.Tensor)}
+    with vlm.adapters.rows(adapters):
         with torch.no_grad():
             fused = vlm.model(**batch).logits
-        with torch.enable_grad():  # the layers one by one, each through its own hook
+        with torch.enable_grad():
             alone = vlm.model(**batch).logits.detach()
-    torch.testing.assert_close(fused, alone, rtol=0, atol=1e-5)
     with torch.no_grad():
         base = vlm.model(**batch).logits
-    assert not torch.allclose(fused[0], base[0], atol=1e-3) and torch.allclose(fused[1], base[1], atol=1e-5)
+    return fused, alone, base
 
 
 def random_adapter(folder: Path, model, ranks: dict[str, int], seed: int) -> Path:
@@ -247,17 +255,8 @@ def test_fused_groups_with_ranks_that_differ_by_adapter_and_layer(tmp_path):
     vlm.adapters = AdapterSet(vlm.model)
     x = vlm.adapters.add("x", random_adapter(tmp_path / "x", vlm.model, x_ranks, 0))
     y = vlm.adapters.add("y", random_adapter(tmp_path / "y", vlm.model, y_ranks, 1))
-    ex = questions("vipllava", 1)[0]
-    one = vlm.chat_inputs([user_turn(ex.question, ex.images)])
-    batch = {k: v.repeat(4, *[1] * (v.dim() - 1)) for k, v in one.items() if isinstance(v, torch.Tensor)}
-    with vlm.adapters.rows([x, None, y, x]):
-        with torch.no_grad():
-            fused = vlm.model(**batch).logits
-        with torch.enable_grad():
-            alone = vlm.model(**batch).logits.detach()
+    fused, alone, base = fused_alone_and_base(vlm, "vipllava", [x, None, y, x])
     torch.testing.assert_close(fused, alone, rtol=0, atol=1e-5)
-    with torch.no_grad():
-        base = vlm.model(**batch).logits
     assert torch.allclose(fused[1], base[1], atol=1e-5) and torch.equal(fused[0], fused[3])
     assert not torch.allclose(fused[0], base[0], atol=1e-3) and not torch.allclose(
         fused[2], base[2], atol=1e-3

@@ -239,8 +239,8 @@ class AdapterSet:
         the hooks). At most STACKS_KEPT layers' stacks are remembered over all sets: past that, every set's
         are dropped (each set's take about the bytes of its adapters)."""
         key = tuple(id(a) for a in present)
-        cached = self.stacks.get(key)
-        if cached is not None and all(c is a for c, a in zip(cached[0], present, strict=True)):
+        cached = self.stacks.get(key)  # its set is held with it, so those ids are still these adapters
+        if cached is not None:
             return cached[1]
         if sum(layers_in(kept) for _, kept in self.stacks.values()) > STACKS_KEPT:
             self.stacks.clear()
@@ -300,12 +300,10 @@ class AdapterSet:
             return output
         low = self._low(call, joint.A, joint.ranks, x)
         flat = output.view(-1, output.shape[-1])
-        same = low.dtype == flat.dtype
+        if low.dtype != flat.dtype:
+            low = low.to(flat.dtype)
         for columns, lows, B in joint.blocks:
-            if same:
-                flat[:, columns].addmm_(low[:, lows], B)
-            else:
-                flat[:, columns].addmm_(low[:, lows].to(flat.dtype), B.to(flat.dtype))
+            flat[:, columns].addmm_(low[:, lows], B if B.dtype == flat.dtype else B.to(flat.dtype))
         return output
 
     def _joint(self, linears: list[nn.Module], present: tuple[Adapter, ...]) -> Joint | None:

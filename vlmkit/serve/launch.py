@@ -48,10 +48,8 @@ def start_serve(
     first."""
     launcher = list(launcher) if launcher is not None else [sys.executable, "-m", "vlmkit"]
     log = Path(log)
-    child_env = {
-        **(os.environ if env is None else env),
-        "PYTHONUNBUFFERED": "1",
-    }  # its last lines reach the log
+    # unbuffered, so that its last lines reach the log even when it is killed
+    child_env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
     with log.open("a" if append else "w") as out:
         proc = subprocess.Popen(
             [*launcher, "serve", "--port", str(port), *args],
