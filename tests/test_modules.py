@@ -96,3 +96,40 @@ def test_patch_embeddings_take_the_kernel_measured_faster():
     faster = fastpath.PATCHES_AS_PRODUCT[(24, 3, (8, 8), 40, torch.float32)]
     assert isinstance(model.patch_embedding, fastpath.PatchEmbedding) == faster
     assert type(model.other) is nn.Conv2d
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("window", [None, 3])
+def test_the_final_layer_at_kept_positions_equals_the_full_forward(cached, window):
+    """A prefill that needs only each row's last hidden state (`last`) runs the final layer's queries,
+    output projection and MLP on those positions alone: equal to the full forward read there, with grouped
+    heads, right padding (rows of different lengths), a sliding window, with and without a KV cache."""
+    from vlmkit.llama import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, model_type="mistral" if window else "llama", sliding_window=window,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaModel(config).eval()
+    B, T = 3, 7
+    x = torch.randn(B, T, 32)
+    lengths = torch.tensor([7, 4, 6])
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    last = lengths - 1
+    with torch.no_grad():
+        if cached:
+            model.setup_cache(B, 16)
+            kw = {"attention_mask": mask, "input_pos": torch.arange(T), "key_len": T}
+            full = model(x, **kw)
+            model.setup_cache(B, 16)
+            kept = model(x, last=last, **kw)
+        else:
+            full = model(x, attention_mask=mask)
+            kept = model(x, attention_mask=mask, last=last)
+            unpadded = model(x)  # no mask at all: each kept query still sees no key after it
+            torch.testing.assert_close(
+                model(x, last=last)[:, 0], unpadded[torch.arange(B), last], atol=1e-6, rtol=1e-5
+            )
+    assert kept.shape == (B, 1, 32)
+    torch.testing.assert_close(kept[:, 0], full[torch.arange(B), last], atol=1e-6, rtol=1e-5)

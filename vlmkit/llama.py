@@ -190,10 +190,12 @@ class LlamaAttention(nn.Module):
         cache = self.kv_cache if ctx.caches is None else ctx.caches[self]
         if cache is not None:
             k, v = cache.update(k, v, ctx.at)  # (B, Hkv, S, D)
-        y = attention(q, k, v, mask=ctx.mask, is_causal=True).transpose(1, 2)  # (B, T, H, D)
-        if ctx.keep is not None:  # only these positions go on (their keys and values are all written)
-            y, T = keep_positions(y, ctx.keep), 1
-        return self.o_proj(y.reshape(B, T, self.n_heads * self.head_dim))
+        if ctx.keep is None:
+            y = attention(q, k, v, mask=ctx.mask, is_causal=True)
+        else:  # only these positions go on: every position's keys and values are written, their queries attend
+            q, T = keep_positions(q.transpose(1, 2), ctx.keep).transpose(1, 2), 1
+            y = attention(q, k, v, mask=kept_mask(ctx.mask, ctx.keep, k.shape[2]))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -328,6 +330,15 @@ class DecoderContext:
 def keep_positions(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """x (B, T, ...) at position keep[b] of each row b -> (B, 1, ...)."""
     return x[torch.arange(x.shape[0], device=x.device), keep][:, None]
+
+
+def kept_mask(mask: torch.Tensor | None, keep: torch.Tensor, key_len: int) -> torch.Tensor:
+    """The keys that query keep[b] of each row b sees (B, 1, 1, S): its row of `mask` (1 or B, 1, T, S), or
+    with no mask (causal over the call's own T tokens) every key up to it."""
+    B = keep.shape[0]
+    if mask is None:
+        return (torch.arange(key_len, device=keep.device) <= keep[:, None])[:, None, None, :]
+    return mask.expand(B, -1, -1, -1)[torch.arange(B, device=keep.device), :, keep][:, :, None, :]
 
 
 def decoder_context(
