@@ -200,10 +200,11 @@ class InlineImagesRunner(RunnerMixin):
         self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]
     ) -> torch.Tensor | None:
         """The features of the `<image>` tokens from `start` on, in order (1, n, C)."""
-        n = int((plan.ids[0, start:] == self.config.image_token_index).sum())
+        n = sum(t >= start for item in plan.items for t in item.positions)
         if not n:
             return None
-        return torch.cat([f for f in features if f is not None])[-n:][None]
+        have = [f for f in features if f is not None]
+        return (have[0] if len(have) == 1 else torch.cat(have))[-n:][None]
 
     def batch_images(self, images: list[torch.Tensor | None], lengths: list[int]) -> torch.Tensor | None:
         """The prompts' features (1, n_b, C) one after another: the order of their `<image>` tokens in the

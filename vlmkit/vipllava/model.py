@@ -154,9 +154,13 @@ class VipLlavaModel(InlineImagesRunner, GenerationMixin, SavePretrainedMixin, nn
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def check_image_tokens(self, input_ids: torch.Tensor, n_images: int) -> None:
-        """Raise unless input_ids hold exactly one run of `<image>` tokens per image."""
-        n_tokens = int((input_ids == self.config.image_token_index).sum())
+    def check_image_tokens(self, input_ids: torch.Tensor | int, n_images: int) -> None:
+        """Raise unless input_ids (or that many `<image>` tokens) hold exactly one run of `<image>` tokens per
+        image."""
+        if isinstance(input_ids, int):
+            n_tokens = input_ids
+        else:
+            n_tokens = int((input_ids == self.config.image_token_index).sum())
         per = self.config.image_tokens_per_image
         if n_tokens != n_images * per:
             raise ValueError(
@@ -200,12 +204,14 @@ class VipLlavaModel(InlineImagesRunner, GenerationMixin, SavePretrainedMixin, nn
         """One prompt (1, L) and its pictures: picture j fills the j-th run of `<image>` tokens."""
         ids, pixels = inputs["input_ids"], inputs.get("pixel_values")
         n = 0 if pixels is None else pixels.shape[0]
-        self.check_image_tokens(ids, n)
-        where = (ids[0] == self.config.image_token_index).nonzero()[:, 0].tolist()
+        # one prompt's positions in plain Python: per request, cheaper than a few small tensor operations
+        image = self.config.image_token_index
+        where = [t for t, token in enumerate(ids[0].tolist()) if token == image]
+        self.check_image_tokens(len(where), n)
         per = self.config.image_tokens_per_image
         items = [
-            ImageItem(pixels=p, key=content_key(p), positions=where[j * per : (j + 1) * per])
-            for j, p in enumerate([] if pixels is None else list(pixels))
+            ImageItem(pixels=pixels[j], key=content_key(pixels[j]), positions=where[j * per : (j + 1) * per])
+            for j in range(n)
         ]
         return PromptPlan(ids=ids, items=items, decode_items=[])
 
