@@ -192,9 +192,13 @@ class Tokenizer:
         elif return_tensors == "pt" and len({len(row) for row in ids}) > 1:
             raise ValueError("the texts have different lengths: pass padding=True to return one tensor")
         if return_tensors == "pt":
+            input_ids = torch.tensor(ids, dtype=torch.long)
+            unpadded = padding in (False, "do_not_pad")  # every mask is all ones
             return {
-                "input_ids": torch.tensor(ids, dtype=torch.long),
-                "attention_mask": torch.tensor(masks, dtype=torch.long),
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids)
+                if unpadded
+                else torch.tensor(masks, dtype=torch.long),
             }
         if return_tensors is not None:
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")

@@ -149,7 +149,7 @@ class LlavaProcessor:
             return_tensors=return_tensors,
         )
         if flat:
-            found = int((enc["input_ids"] == self.image_token_id).sum())
+            found = sum(row.count(self.image_token_id) for row in enc["input_ids"].tolist())
             if found != len(flat) * n:
                 raise ValueError(
                     f"after tokenization the inputs hold {found} {self.image_token} tokens, not {len(flat) * n} "
