@@ -193,13 +193,9 @@ class Tokenizer:
             raise ValueError("the texts have different lengths: pass padding=True to return one tensor")
         if return_tensors == "pt":
             input_ids = torch.tensor(ids, dtype=torch.long)
-            unpadded = padding in (False, "do_not_pad")  # every mask is all ones
-            return {
-                "input_ids": input_ids,
-                "attention_mask": torch.ones_like(input_ids)
-                if unpadded
-                else torch.tensor(masks, dtype=torch.long),
-            }
+            padded = any(0 in row for row in masks)  # else the mask is all ones, made without a list
+            mask = torch.tensor(masks, dtype=torch.long) if padded else torch.ones_like(input_ids)
+            return {"input_ids": input_ids, "attention_mask": mask}
         if return_tensors is not None:
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         return {"input_ids": ids, "attention_mask": masks}

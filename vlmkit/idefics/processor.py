@@ -219,17 +219,18 @@ class IdeficsProcessor:
         is the row's n-th. After an EOS token, tokens attend to nothing until the next image."""
         eos = self.tokenizer.eos_token_id
         B, T = input_ids.shape
-        index = torch.full((B, T), -1, dtype=torch.long)
+        rows = []  # built as lists, then one tensor: per token, element writes into a tensor cost far more
         for b in range(B):
-            count, after_eos = -1, False
-            for t, token in enumerate(input_ids[b].tolist()):
+            count, after_eos, row = -1, False, []
+            for token in input_ids[b].tolist():
                 if token == self.image_token_id:
                     count += 1
                     after_eos = False
-                index[b, t] = -1 if after_eos else count
+                row.append(-1 if after_eos or count >= num_images else count)
                 if token == eos:
                     after_eos = True
-        index[index >= num_images] = -1
+            rows.append(row)
+        index = torch.tensor(rows, dtype=torch.long).view(B, T)
         mask = torch.nn.functional.one_hot(index.clamp(min=0), num_classes=num_images)
         mask[index < 0] = 0
         return mask
