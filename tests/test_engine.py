@@ -420,3 +420,53 @@ def test_a_failing_joint_prefill_runs_each_prompt_alone(vlm, monkeypatch):
         else:
             assert texts_of(ev, n) == [w] * n
     assert engine.running == 0 and not engine.executor.prompts
+
+
+def test_questions_about_one_picture_share_its_prefill(vlm, monkeypatch):
+    """Requests that join together and start alike (one picture asked about three times) do not all compute
+    their shared start: the first does, the others wait one round for its blocks in the prefix cache while
+    the requests behind them take the free rows; a shared start under half of a prompt is not worth the
+    wait. Every answer equals the request run alone."""
+    pic = picture(60)
+    group = [
+        ("Describe this picture in detail.", [pic]),
+        ("What is in this picture?", [pic]),  # held: the same picture starts it
+        ("Is it a cat?", [pic]),  # held
+        ("Describe this.", [picture(61)]),  # another picture: takes a held request's row
+        ("What is in this picture?", [picture(62)]),
+    ]
+    want = [vlm.generate(text, images=ims, max_new_tokens=5) for text, ims in group]
+    batches = []
+    prefill = type(vlm.model).prefill
+
+    def counting(self, ids, **kw):
+        batches.append(ids.shape[0])
+        return prefill(self, ids, **kw)
+
+    monkeypatch.setattr(type(vlm.model), "prefill", counting)
+    engine = Engine(vlm.model, vlm.tokenizer, max_batch=3, max_seq_len=128, prefix_block=4)
+    texts = [""] * len(group)
+    requests = []
+    for i, (text, ims) in enumerate(group):
+
+        def emit(ev, i=i):
+            if ev.finish_reason is None:
+                texts[i] += ev.text
+
+        requests.append(Request(inputs=vlm.inputs(text, ims), params=SamplingParams(max_tokens=5), emit=emit))
+        engine.submit(requests[-1])  # all wait before the first round: they join together
+    while any(not r.done.is_set() for r in requests):
+        engine.run_once()
+    engine.stop()
+    assert texts == want
+    if not isinstance(vlm.model, VipLlavaModel):
+        # an IDEFICS picture is one token: the questions share one block of about 19 tokens, not worth a round
+        assert batches == [3, 2] and [r.cached_tokens for r in requests] == [0] * 5
+        return
+    assert batches == [3, 2]  # the first question and the two other pictures, then the two held
+    first = vlm.inputs(*group[0])["input_ids"][0].tolist()
+    for i in (1, 2):  # the whole blocks of its start that the first question computed
+        ids = vlm.inputs(*group[i])["input_ids"][0].tolist()
+        common = next(t for t, (a, b) in enumerate(zip(ids + [None], first + [None], strict=False)) if a != b)
+        assert requests[i].cached_tokens == min(common, len(ids) - 1) // 4 * 4 > 0
+    assert [requests[i].cached_tokens for i in (0, 3, 4)] == [0, 0, 0]

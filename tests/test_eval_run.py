@@ -17,6 +17,7 @@ from vlmkit.cli import main
 from vlmkit.eval import evaluate
 from vlmkit.eval import run as eval_module
 from vlmkit.eval.shapes import (
+    counting_rounds,
     known_examples,
     write_captions,
     write_mmbench,
@@ -27,6 +28,7 @@ from vlmkit.eval.shapes import (
     write_vizwiz,
     write_vqav2,
 )
+from vlmkit.serve.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +113,22 @@ def test_answers_do_not_depend_on_the_batch(vip, count_data):
     many = evaluate("vqav2", count_data, vip, prompt="{question}", limit=40, batch_size=16, progress=False)
     assert [r["output"] for r in one.samples] == [r["output"] for r in many.samples]
     assert one.scores == many.scores
+
+
+def test_questions_about_one_picture_reuse_its_start(vip, tmp_path, monkeypatch):
+    """VQAv2 asks several questions of each picture, one after another: only each picture's first question
+    computes the picture's tokens, the others take them from the prefix cache (those that joined with it wait
+    a round), and every answer equals the one at batch size 1."""
+    write_vqav2(tmp_path, counting_rounds(12, 4))
+    requests = []
+    submit = Engine.submit
+    monkeypatch.setattr(Engine, "submit", lambda self, r: (requests.append(r), submit(self, r))[1])
+    many = evaluate("vqav2", tmp_path, vip, prompt="{question}", batch_size=16, progress=False)
+    picture_start = 16  # "<s><s>###Human: ", the 9 picture tokens and "\n": the demo's first block
+    assert [r.cached_tokens for r in requests] == ([0] + [picture_start] * 3) * 12
+    one = evaluate("vqav2", tmp_path, vip, prompt="{question}", batch_size=1, progress=False)
+    assert [r["output"] for r in one.samples] == [r["output"] for r in many.samples]
+    assert many.scores["accuracy"] > 90
 
 
 def test_answers_stop_where_the_context_ends(vip, count_data):

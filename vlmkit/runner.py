@@ -152,6 +152,9 @@ class Runner(Protocol):
     def row_store(self, max_batch: int) -> RowStore:
         """An empty store of the family's row state for `max_batch` rows."""
 
+    def filler_token(self, plan: PromptPlan) -> int:
+        """A token id that may pad the plan's prompt in a joint prefill without changing what it needs."""
+
 
 class RunnerMixin:
     """The parts of `Runner` every family shares: a family gives `decoder`, `head`, `plan`, `encode`,
@@ -182,6 +185,11 @@ class RunnerMixin:
     def row_store(self, max_batch: int) -> RowStore:
         return NoRowStore()
 
+    def filler_token(self, plan: PromptPlan) -> int:
+        """A token id that pads the prompt's row in a prefill joined with longer prompts (its outputs are
+        never read, and its keys and values are overwritten): the prompt's last token."""
+        return int(plan.ids[0, -1])
+
 
 class InlineImagesRunner(RunnerMixin):
     """The runner of a family whose pictures' features take the place of its `<image>` tokens' embeddings
@@ -195,6 +203,12 @@ class InlineImagesRunner(RunnerMixin):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.language_model(hidden)
+
+    def filler_token(self, plan: PromptPlan) -> int:
+        """The prompt's last token that is not `<image>` (padding of `<image>` tokens would ask for features
+        that no picture gives)."""
+        image = self.config.image_token_index
+        return next((t for t in reversed(plan.ids[0].tolist()) if t != image), int(image == 0))
 
     def prompt_images(
         self, plan: PromptPlan, start: int, features: list[torch.Tensor | None]

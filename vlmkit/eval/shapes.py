@@ -29,6 +29,7 @@ from vlmkit.demo.shapes import (
     QUESTION_TYPES,
     SHAPES,
     Example,
+    Shape,
     make_example,
     random_scene,
     render,
@@ -50,6 +51,31 @@ def known_examples(family: str, kind: str, n: int = 200, seed: int = KNOWN_SEED)
     raise AssertionError("unreachable")
 
 
+def counting_rounds(pictures: int, per_picture: int, seed: int = KNOWN_SEED) -> list[Example]:
+    """`per_picture` counting questions about each of `pictures` scenes, as VQAv2 asks several questions of
+    one picture (5.4 on average): the questions of a picture are consecutive and share its image object
+    (`write_vqav2` writes it once), and each asks about another shape (so at most 4 per picture)."""
+    if not 1 <= per_picture <= len(SHAPES):
+        raise ValueError(f"per_picture must be between 1 and {len(SHAPES)} (one question per shape)")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(pictures):  # scenes drawn as the demo's counting questions draw them
+        asked = rng.choice(SHAPES)
+        n = rng.randint(0, 3)
+        others = [
+            rng.choice([k for k in SHAPES if k != asked]) for _ in range(rng.randint(int(n == 0), 4 - n))
+        ]
+        kinds = [asked] * n + others
+        rng.shuffle(kinds)
+        scene = random_scene(rng, IMAGE_SIZE, len(kinds))
+        shapes = [Shape(k, s.color, s.cx, s.cy, s.r) for k, s in zip(kinds, scene, strict=True)]
+        image = render(shapes, IMAGE_SIZE)
+        for kind in [asked, *rng.sample([k for k in SHAPES if k != asked], per_picture - 1)]:
+            answer = NUMBERS[kinds.count(kind)]
+            out.append(Example([image], f"How many {kind}s are there?", answer, "count"))
+    return out
+
+
 def save_png(image: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
@@ -63,12 +89,15 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def write_vqav2(folder: Path, examples: list[Example], *, okvqa: bool = False, first_id: int = 0) -> Path:
     """v2_OpenEnded_mscoco_val2014_questions.json + annotations + val2014/ (OK-VQA's names with okvqa);
-    question and picture ids count from first_id."""
+    question and picture ids count from first_id; questions that share an image object share its picture."""
     prefix = "" if okvqa else "v2_"
     questions, annotations = [], []
+    written: dict[int, int] = {}  # id(image) -> its picture id
     for i, ex in enumerate(examples):
-        image_id, qid = 1000 + first_id + i, 5000 + first_id + i
-        save_png(ex.images[0], folder / "val2014" / f"COCO_val2014_{image_id:012d}.jpg")
+        image_id, qid = written.get(id(ex.images[0]), 1000 + first_id + i), 5000 + first_id + i
+        if id(ex.images[0]) not in written:
+            written[id(ex.images[0])] = image_id
+            save_png(ex.images[0], folder / "val2014" / f"COCO_val2014_{image_id:012d}.jpg")
         questions.append({"image_id": image_id, "question": ex.question, "question_id": qid})
         answers = [{"answer": ex.answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)]
         annotations.append(

@@ -7,15 +7,17 @@ execute -> update in one thread, with its parts in their own modules:
   data, which a model split over processes (tensor parallel) runs on every process at once;
 - `CacheManager` (cache.py, held by the executor): every row's keys/values, the prefix cache of prompt and
   answer blocks (hash chained over tokens and the pictures they depend on), the feature cache;
-- the runner (the model): `plan`, `encode`, `prompt_images`, `batch_images`, `prefill`, `decode`, and its
-  `row_store` of per-row family state;
+- the runner (the model): `plan`, `encode`, `prompt_images`, `batch_images`, `prefill`, `decode`, its
+  `row_store` of per-row family state and its `filler_token`;
 - the output stage (output.py): sampling, stop strings, detokenization.
 
 Every running sequence owns one row of the cache: its prompt sits in slots 0..L-1 and each step writes its
 new token at its own next slot, so rows of any length decode together in one forward with a per-row mask
-and per-row rotary positions. The prompts that join in one round and start with no cached block run as one
-prefill (padded on the right), each straight into its free row; a prompt that starts with blocks the prefix
-cache holds runs alone, after them. Callers get their events through a callback.
+and per-row rotary positions. The prompts that join in one round run as one prefill (padded on the right),
+each after the blocks of it the prefix cache holds and straight into its free row. A prompt that would
+compute the same blocks as another joining in that round, for at least half of its own work (the same
+picture asked about again), waits one round and takes them from the cache. Callers get their events through
+a callback.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ from vlmkit.tokenizer import IncrementalDecoder
 __all__ = ["Engine", "EngineConfig", "Event", "PrefixCache", "QueueFull", "Request", "SamplingParams"]
 
 log = logging.getLogger("vlmkit.serve")
-RUNNER_METHODS = ("plan", "encode", "prompt_images", "batch_images", "prefill", "decode", "row_store")
+RUNNER_METHODS = (
+    "plan", "encode", "prompt_images", "batch_images", "prefill", "decode", "row_store", "filler_token",
+)  # fmt: skip
 
 
 @dataclass
@@ -217,16 +221,31 @@ class Engine:
     # -- joining --------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        joining, cancelled = self.scheduler.admit()
-        for r in cancelled:
-            self._finish_request(r, "cancelled")
+        """Plan the waiting requests that fit the free rows. A prompt that would compute the same blocks as a
+        prompt joining now, for at least half of what it computes (the same picture asked about again), waits
+        for the next round, when they are cached, and the request behind it takes its row."""
         planned: list[tuple[Request, int, Prompt]] = []
-        for r in joining:
-            key = next(self._keys)
-            try:
-                planned.append((r, key, self.executor.call("plan", key, r.plan, r.adapter)))
-            except Exception as e:  # a malformed request fails alone
-                self._finish_request(r, "error", e)
+        held: list[Request] = []
+        while True:
+            taken = sum(r.params.n for r, _, _ in planned)
+            joining, cancelled = self.scheduler.admit(taken=taken)
+            if not joining and not cancelled:
+                break
+            for r in cancelled:
+                self._finish_request(r, "cancelled")
+            for r in joining:
+                key = next(self._keys)
+                try:
+                    prompt = self.executor.call("plan", key, r.plan, r.adapter)
+                except Exception as e:  # a malformed request fails alone
+                    self._finish_request(r, "error", e)
+                    continue
+                if self.worth_waiting(prompt, [p for _, _, p in planned]):
+                    self.executor.call("forget", key)
+                    held.append(r)
+                    continue
+                planned.append((r, key, prompt))
+        self.scheduler.hold(held)
         if not planned:
             return
         try:
@@ -260,6 +279,22 @@ class Engine:
             firsts += [(row, logits[0]) for row in rows]
         if firsts:
             self._take_all([row for row, _ in firsts], torch.stack([lg for _, lg in firsts]))
+
+    def worth_waiting(self, prompt: Prompt, joining: list[Prompt]) -> bool:
+        """Whether the prompt should wait a round: the prompts `joining` this round compute blocks it would
+        take from the cache next round (as many as it may: its last token always runs), covering at least half
+        of the tokens it would compute now. (A shared template start of a block or two is not worth a round.)"""
+        block = self.prefix.block
+        if self.prefix.capacity <= 0 or not joining:
+            return False
+        first, usable = len(prompt.pinned), (prompt.ids.shape[1] - 1) // block
+        shared = 0
+        for other in joining:  # hashes chain over everything before: equal blocks are an equal start
+            n = first
+            while n < min(usable, len(other.hashes)) and other.hashes[n] == prompt.hashes[n]:
+                n += 1
+            shared = max(shared, n - first)
+        return 2 * shared * block >= prompt.ids.shape[1] - first * block
 
     def _rows(self, request: Request, key: int, prompt: Prompt, vocab: int) -> list[Row]:
         """The request's rows, one per choice, for its prompt that ran into the next free cache rows

@@ -135,7 +135,7 @@ class Executor:
 
     def _prefill(self, jobs: list[tuple[int, int]], rows: list[int]) -> list[tuple[torch.Tensor, int]]:
         """The prompts `jobs` ((key, n) each) in one prefill into `rows`, each after the cached blocks copied
-        into its row: the rest of its ids, padded on the right with their first token, at its own positions;
+        into its row: the rest of its ids, padded on the right with its `filler_token`, at its own positions;
         each real token sees only its own row's earlier tokens (causal), and each row's logits are read at
         its last real token; then each prompt's n - 1 copies. Returns each prompt's last logits (1, V) and
         how many of its tokens came from the prefix cache."""
@@ -148,7 +148,7 @@ class Executor:
         device = prompts[0].ids.device
         ids = torch.stack(
             [
-                torch.cat([p.ids[0, s:], p.ids[0, s : s + 1].expand(T - length)])
+                torch.cat([p.ids[0, s:], p.ids.new_full((T - length,), self.model.filler_token(p.plan))])
                 for p, s, length in zip(prompts, starts, lengths, strict=True)
             ]
         )

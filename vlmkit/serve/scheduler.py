@@ -22,10 +22,11 @@ class Scheduler:
         except queue.Full:
             raise QueueFull(f"{self.waiting.maxsize} requests are already waiting") from None
 
-    def admit(self) -> tuple[list[Any], list[Any]]:
-        """Waiting requests, in order, while their choices fit the free rows: (joining, cancelled)."""
+    def admit(self, taken: int = 0) -> tuple[list[Any], list[Any]]:
+        """Waiting requests, in order, while their choices fit the free rows (less `taken` rows already given
+        this round): (joining, cancelled)."""
         joining, cancelled = [], []
-        free = self.max_batch - len(self.rows)
+        free = self.max_batch - len(self.rows) - taken
         while free > 0:
             try:
                 r = self.waiting.queue[0]
@@ -40,6 +41,12 @@ class Scheduler:
             joining.append(r)
             free -= r.params.n
         return joining, cancelled
+
+    def hold(self, requests: list[Any]) -> None:
+        """Put requests taken by `admit` back at the front of the queue, in order, for the next round (the
+        queue may hold more than its size for that long)."""
+        with self.waiting.mutex:  # submitters append meanwhile
+            self.waiting.queue.extendleft(reversed(requests))
 
     def compact(self) -> list[tuple[int, int]]:
         """Drop finished rows; the (old, new) index of every row that moves up."""
