@@ -18,13 +18,18 @@ the real set does (5.4 questions per picture on average): the engine runs a pict
 its other questions from the prefix cache (their accuracy is not the demo's known one, but both sides answer
 the same questions).
 
+`--body LAYERSxWIDTH` puts the demo's processor on a bigger random model (CLIP-B/16 at 224 px: 196 picture
+tokens, and a LLaMA of that shape) for prompts of realistic length; its answers are noise, the same on both
+sides, and run to the task's answer budget.
+
     .venv/bin/python benchmarks/eval.py [--family vipllava|idefics] [--task vqav2|coco] [--n 200]
-        [--batch-size 16] [--threads 2] [--warmup 16] [--repeats 3] [--per-picture 1]
+        [--batch-size 16] [--threads 2] [--warmup 16] [--repeats 3] [--per-picture 1] [--body 12x768]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import statistics
@@ -70,8 +75,20 @@ def write_task(task: str, folder: Path, family: str, n: int, per_picture: int = 
         write_captions(folder, examples)
 
 
+def body_checkpoint(folder: Path, family: str, body: str) -> Path:
+    """The demo model's processor files on a bigger random body (`benchmarks/serve.py`'s: CLIP-B/16 at 224
+    px, 196 picture tokens; a LLaMA of LAYERSxWIDTH), written to `folder`."""
+    layers, width = (int(x) for x in body.lower().split("x"))
+    spec = importlib.util.spec_from_file_location("serve_benchmark", Path(__file__).with_name("serve.py"))
+    serve_benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_benchmark)
+    folder.mkdir(parents=True, exist_ok=True)
+    serve_benchmark.build(folder, family, layers, width)
+    return folder
+
+
 def transformers_loop(
-    data: Path, warmup: int, family: str, task_name: str
+    data: Path, warmup: int, family: str, task_name: str, source: str | Path
 ) -> Callable[[], tuple[float, list[str], dict]]:
     """Transformers' side, loaded and with the first `warmup` questions answered untimed: a function that
     answers and scores every question one at a time with transformers' generate and returns the seconds that
@@ -79,12 +96,12 @@ def transformers_loop(
     from transformers import IdeficsForVisionText2Text, VipLlavaForConditionalGeneration
 
     classes = {"vipllava": VipLlavaForConditionalGeneration, "idefics": IdeficsForVisionText2Text}
-    folder = builtin_model(NAMES[family])
+    folder = builtin_model(source) if isinstance(source, str) else source
     # transformers' IDEFICS cannot initialise "normal" alphas (torch.normal with an int size) before it loads
     # the checkpoint's own values over them
     init = {"alpha_initializer": "zeros"} if family == "idefics" else {}
     model = classes[family].from_pretrained(folder, dtype=torch.float32, **init).eval()
-    vlm = VLM.load(NAMES[family])  # its processor only: the same prompts and pixels as vlmkit's side
+    vlm = VLM.load(source)  # its processor only: the same prompts and pixels as vlmkit's side
     eos = stop_token_ids(vlm.tokenizer, family_of(vlm.model))
     task = get_task(task_name)
 
@@ -142,6 +159,12 @@ def main() -> None:
         help="VQAv2 questions per picture (the real set averages 5.4; default 1: the demo's known questions, "
         "whose accuracy is known)",
     )
+    ap.add_argument(
+        "--body",
+        default=None,
+        help="LAYERSxWIDTH: the demo's processor on a bigger random model (CLIP-B/16 at 224 px, a LLaMA of that "
+        "shape) instead of the demo, for prompts of realistic length (answers are noise, the same on both sides)",
+    )
     ap.add_argument("--output", type=Path, default=None, help="default: build/bench/eval-FAMILY-TASK.json")
     args = ap.parse_args()
     if args.repeats < 1:
@@ -150,7 +173,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / args.task
         write_task(args.task, data, args.family, args.n, args.per_picture)
-        vlm = VLM.load(NAMES[args.family])  # as `vlmkit eval` loads it
+        source = (
+            NAMES[args.family]
+            if args.body is None
+            else body_checkpoint(Path(tmp) / "body", args.family, args.body)
+        )
+        vlm = VLM.load(source)  # as `vlmkit eval` loads it
         if args.warmup:
             evaluate(
                 args.task,
@@ -161,7 +189,7 @@ def main() -> None:
                 batch_size=args.batch_size,
                 progress=False,
             )
-        transformers_run = transformers_loop(data, args.warmup, args.family, args.task)
+        transformers_run = transformers_loop(data, args.warmup, args.family, args.task, source)
         ours_runs, theirs_runs = [], []
         for _ in range(args.repeats):  # the sides take turns, so a drift in the machine's speed hits both
             start = time.perf_counter()
@@ -176,7 +204,7 @@ def main() -> None:
     metric = "accuracy" if args.task == "vqav2" else "cider"  # the task's headline score
     result = {
         "cpu": cpu_name(),
-        "model": NAMES[args.family],
+        "model": NAMES[args.family] if args.body is None else f"random {args.body} body",
         "task": args.task,
         "per_picture": args.per_picture,
         "threads": args.threads,
@@ -194,7 +222,7 @@ def main() -> None:
     if args.per_picture > 1:
         layout += f" ({args.per_picture} per picture)"
     print(
-        f"{result['cpu']}, {args.threads} threads, {args.n} {layout}, {NAMES[args.family]}, "
+        f"{result['cpu']}, {args.threads} threads, {args.n} {layout}, {result['model']}, "
         f"{args.warmup} answered first untimed, median of {args.repeats} timed passes per side\n"
         f"  vlmkit eval, batch {args.batch_size}: {result['vlmkit']['samples_per_s']:.1f} samples/s "
         f"({metric} {ours.scores[metric]:.1f}; passes {runs(result['vlmkit'])})\n"
