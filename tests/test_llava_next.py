@@ -412,6 +412,8 @@ def test_bad_inputs_raise_clear_errors(checkpoint):
         p(text=["<image>\nhi"], images=PICTURES[:2])
     with pytest.raises(ValueError, match="truncation cut into an image"):
         p(text=["<image>\nhi"], images=PICTURES[:1], truncation=True, max_length=20)
+    with pytest.raises(ValueError, match="torch tensors only"):
+        p(text=["<image>\nhi"], images=PICTURES[:1], return_tensors="np")
     inputs = vlm.inputs("Describe it.", PICTURES[:2])
     ids, pixels, sizes = inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"]
     with pytest.raises(ValueError, match="need image_sizes"):

@@ -139,6 +139,8 @@ def test_llava_marker_count_errors(llava):
         ours(text="no marker", images=IMAGES[0])
     with pytest.raises(ValueError, match="truncation cut into an image"):
         ours(text="a long prefix of several words <image>", images=IMAGES[0], truncation=True, max_length=8)
+    with pytest.raises(ValueError, match=r"torch tensors only \(return_tensors='pt'\), got None"):
+        ours(text="<image>", images=IMAGES[0], return_tensors=None)
 
 
 def test_llava_chat_template(llava):

@@ -135,6 +135,10 @@ class LlavaProcessor:
         return_tensors: str = "pt",
         allow_remote: bool = False,
     ) -> dict[str, torch.Tensor]:
+        if return_tensors != "pt":
+            raise ValueError(
+                f"this processor returns torch tensors only (return_tensors='pt'), got {return_tensors!r}"
+            )
         texts, flat = prompts_and_images(text, images, self.image_token)
         out: dict[str, torch.Tensor] = {}
         if flat:
