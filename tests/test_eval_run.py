@@ -116,10 +116,12 @@ def test_answers_do_not_depend_on_the_batch(vip, count_data):
 
 
 def test_questions_about_one_picture_reuse_its_start(vip, tmp_path, monkeypatch):
-    """VQAv2 asks several questions of each picture, one after another: only each picture's first question
-    computes the picture's tokens, the others take them from the prefix cache (those that joined with it wait
-    a round), and every answer equals the one at batch size 1."""
-    write_vqav2(tmp_path, counting_rounds(12, 4))
+    """VQAv2 asks several questions of each picture: only each picture's first question computes the
+    picture's tokens, the others take them from the prefix cache (they are asked next to it, wherever the
+    file puts them, and those that joined with it wait a round), and every answer equals the one at batch
+    size 1."""
+    rounds = counting_rounds(12, 4)
+    write_vqav2(tmp_path, [rounds[p * 4 + j] for j in range(4) for p in range(12)])  # pictures interleaved
     requests = []
     submit = Engine.submit
     monkeypatch.setattr(Engine, "submit", lambda self, r: (requests.append(r), submit(self, r))[1])

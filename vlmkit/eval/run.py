@@ -286,6 +286,22 @@ def demonstrations(
     )
 
 
+def picture_order(samples: list[Sample]) -> list[int]:
+    """Positions of `samples` with the questions about one picture (the same first picture and visual prompts)
+    next to each other, pictures in order of first appearance: the engine then computes a picture's start of
+    the prompt once and its other questions take it from the prefix cache while it is fresh."""
+    groups: dict[Any, list[int]] = {}
+    for k, s in enumerate(samples):
+        first = s.images[0] if s.images else None
+        if isinstance(first, os.PathLike):
+            first = str(first)
+        elif not isinstance(first, (str, bytes, type(None))):  # a picture object: itself only
+            first = id(first)
+        key = (first, json.dumps(s.visual_prompts, sort_keys=True))
+        groups.setdefault(key, []).append(k)
+    return [k for members in groups.values() for k in members]
+
+
 def answer_all(
     vlm: Any,
     samples: list[Sample],
@@ -318,7 +334,8 @@ def answer_all(
             params=SamplingParams(max_tokens=budget),
         )
 
-    jobs = (job(i, shot_ids) for i, shot_ids in zip(todo, demos, strict=True))
+    order = picture_order([samples[i] for i in todo])
+    jobs = (job(todo[k], demos[k]) for k in order)
     last_save = time.monotonic()
     answered = 0
     with tqdm(total=len(todo), desc=task, unit="q", disable=not progress, file=sys.stderr) as bar:
