@@ -226,6 +226,7 @@ class Engine:
         for the next round, when they are cached, and the request behind it takes its row."""
         planned: list[tuple[Request, int, Prompt]] = []
         held: list[Request] = []
+        computing: set[bytes] = set()  # the blocks the planned prompts compute (not cached)
         while True:
             taken = sum(r.params.n for r, _, _ in planned)
             joining, cancelled = self.scheduler.admit(taken=taken)
@@ -240,11 +241,12 @@ class Engine:
                 except Exception as e:  # a malformed request fails alone
                     self._finish_request(r, "error", e)
                     continue
-                if self.worth_waiting(prompt, [p for _, _, p in planned]):
+                if self.worth_waiting(prompt, computing):
                     self.executor.call("forget", key)
                     held.append(r)
                     continue
                 planned.append((r, key, prompt))
+                computing.update(prompt.hashes[len(prompt.pinned) :])
         self.scheduler.hold(held)
         if not planned:
             return
@@ -280,21 +282,19 @@ class Engine:
         if firsts:
             self._take_all([row for row, _ in firsts], torch.stack([lg for _, lg in firsts]))
 
-    def worth_waiting(self, prompt: Prompt, joining: list[Prompt]) -> bool:
-        """Whether the prompt should wait a round: the prompts `joining` this round compute blocks it would
-        take from the cache next round (as many as it may: its last token always runs), covering at least half
-        of the tokens it would compute now. (A shared template start of a block or two is not worth a round.)"""
+    def worth_waiting(self, prompt: Prompt, computing: set[bytes]) -> bool:
+        """Whether the prompt should wait a round: the prompts joining this round compute (`computing`) blocks
+        it would take from the cache next round (as many as it may: its last token always runs), covering at
+        least half of the tokens it would compute now. (A shared template start of a block or two is not worth
+        a round.) Block hashes chain over everything before them, so the shared blocks are an unbroken run."""
         block = self.prefix.block
-        if self.prefix.capacity <= 0 or not joining:
+        if self.prefix.capacity <= 0:
             return False
         first, usable = len(prompt.pinned), (prompt.ids.shape[1] - 1) // block
-        shared = 0
-        for other in joining:  # hashes chain over everything before: equal blocks are an equal start
-            n = first
-            while n < min(usable, len(other.hashes)) and other.hashes[n] == prompt.hashes[n]:
-                n += 1
-            shared = max(shared, n - first)
-        return 2 * shared * block >= prompt.ids.shape[1] - first * block
+        n = first
+        while n < usable and prompt.hashes[n] in computing:
+            n += 1
+        return 2 * (n - first) * block >= prompt.ids.shape[1] - first * block
 
     def _rows(self, request: Request, key: int, prompt: Prompt, vocab: int) -> list[Row]:
         """The request's rows, one per choice, for its prompt that ran into the next free cache rows
