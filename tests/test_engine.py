@@ -320,11 +320,9 @@ def texts_of(events, n: int) -> list[str]:
     return ["".join(e.text for e in events if e.index == j) for j in range(n)]
 
 
-def test_requests_that_join_together_run_in_one_prefill(vlm, monkeypatch):
-    """Prompts of different lengths, with pictures and without, one with two choices, run as one prefill
-    padded on the right; every answer equals the request run alone."""
-    want = [vlm.generate(text, images=ims, max_new_tokens=6) for text, ims, _ in JOINING]
-    batches = []
+def count_prefills(vlm, monkeypatch) -> list[int]:
+    """The rows of every prefill the model runs from now on, in order (the list fills as they run)."""
+    batches: list[int] = []
     prefill = type(vlm.model).prefill
 
     def counting(self, ids, **kw):
@@ -332,6 +330,14 @@ def test_requests_that_join_together_run_in_one_prefill(vlm, monkeypatch):
         return prefill(self, ids, **kw)
 
     monkeypatch.setattr(type(vlm.model), "prefill", counting)
+    return batches
+
+
+def test_requests_that_join_together_run_in_one_prefill(vlm, monkeypatch):
+    """Prompts of different lengths, with pictures and without, one with two choices, run as one prefill
+    padded on the right; every answer equals the request run alone."""
+    want = [vlm.generate(text, images=ims, max_new_tokens=6) for text, ims, _ in JOINING]
+    batches = count_prefills(vlm, monkeypatch)
     engine = Engine(vlm.model, vlm.tokenizer, max_batch=8, max_seq_len=128, prefix_cache_mb=0)
     events = start_together(vlm, engine)
     assert batches == [len(JOINING)]
@@ -353,13 +359,6 @@ def test_prompts_after_cached_blocks_join_one_prefill(vlm, monkeypatch):
         ("Describe this picture in detail.", [pic]),  # all but the block of its last token
     ]
     want = [vlm.generate(text, images=ims, max_new_tokens=5) for text, ims in group]
-    batches = []
-    prefill = type(vlm.model).prefill
-
-    def counting(self, ids, **kw):
-        batches.append(ids.shape[0])
-        return prefill(self, ids, **kw)
-
     engine = Engine(vlm.model, vlm.tokenizer, max_batch=4, max_seq_len=128, prefix_block=4).start()
     try:
         # the first prompt holds every row while the group queues, and leaves its blocks in the cache
@@ -370,7 +369,7 @@ def test_prompts_after_cached_blocks_join_one_prefill(vlm, monkeypatch):
             emit=lambda ev: None,
         )
         engine.submit(blocker)
-        monkeypatch.setattr(type(vlm.model), "prefill", counting)
+        batches = count_prefills(vlm, monkeypatch)  # from here on
         requests = []
         for i, (text, ims) in enumerate(group):
 
@@ -436,14 +435,7 @@ def test_questions_about_one_picture_share_its_prefill(vlm, monkeypatch):
         ("What is in this picture?", [picture(62)]),
     ]
     want = [vlm.generate(text, images=ims, max_new_tokens=5) for text, ims in group]
-    batches = []
-    prefill = type(vlm.model).prefill
-
-    def counting(self, ids, **kw):
-        batches.append(ids.shape[0])
-        return prefill(self, ids, **kw)
-
-    monkeypatch.setattr(type(vlm.model), "prefill", counting)
+    batches = count_prefills(vlm, monkeypatch)
     engine = Engine(vlm.model, vlm.tokenizer, max_batch=3, max_seq_len=128, prefix_block=4)
     texts = [""] * len(group)
     requests = []

@@ -1,5 +1,5 @@
-"""What both processors share: reading a checkpoint's processor files in either layout, and turning
-OpenAI-style chat messages into template input plus the images they carry."""
+"""What the processors share: reading a checkpoint's processor files in either layout, turning OpenAI-style
+chat messages into template input plus the images they carry, and the one output format they give."""
 
 from __future__ import annotations
 
@@ -45,6 +45,14 @@ def read_processor_files(folder: str | os.PathLike) -> ProcessorFiles:
         template = read_config_file(folder / "chat_template.json").get("chat_template", template)
     model_config = read_config_file(folder / "config.json") if (folder / "config.json").is_file() else {}
     return ProcessorFiles(tokenizer, image, kwargs, template, model_config)
+
+
+def check_return_tensors(return_tensors: Any) -> None:
+    """The processors give torch tensors only."""
+    if return_tensors != "pt":
+        raise ValueError(
+            f"this processor returns torch tensors only (return_tensors='pt'), got {return_tensors!r}"
+        )
 
 
 def split_messages(

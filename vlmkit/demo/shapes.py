@@ -160,6 +160,18 @@ def arrow_to(rng: random.Random, target: Shape, shapes: list[Shape], size: int) 
     return [list(tail), list(head)]
 
 
+def count_scene(rng: random.Random, size: int) -> tuple[str, list[Shape]]:
+    """A counting question's shape and scene: every count of it from zero to three equally often, with other
+    shapes around."""
+    asked = rng.choice(SHAPES)
+    n = rng.randint(0, 3)
+    others = [rng.choice([k for k in SHAPES if k != asked]) for _ in range(rng.randint(int(n == 0), 4 - n))]
+    kinds = [asked] * n + others
+    rng.shuffle(kinds)
+    scene = random_scene(rng, size, len(kinds))
+    return asked, [Shape(k, s.color, s.cx, s.cy, s.r) for k, s in zip(kinds, scene, strict=True)]
+
+
 def make_example(rng: random.Random, kind: str, size: int = 96) -> Example:
     """One question of the given type with its image(s) and its one right answer."""
     if kind == "box_shape":
@@ -181,16 +193,9 @@ def make_example(rng: random.Random, kind: str, size: int = 96) -> Example:
         spec = {"type": "arrow", "points": points, "color": rng.choice(ARROW_COLORS)}
         image = draw_visual_prompts(render(shapes, size), spec)
         return Example([image], "What color is the shape the arrow points to?", target.color, kind)
-    if kind == "count":  # every answer from zero to three equally often, with other shapes around
-        asked = rng.choice(SHAPES)
-        n = rng.randint(0, 3)
-        others = [
-            rng.choice([k for k in SHAPES if k != asked]) for _ in range(rng.randint(int(n == 0), 4 - n))
-        ]
-        kinds = [asked] * n + others
-        rng.shuffle(kinds)
-        scene = random_scene(rng, size, len(kinds))
-        shapes = [Shape(k, s.color, s.cx, s.cy, s.r) for k, s in zip(kinds, scene, strict=True)]
+    if kind == "count":
+        asked, shapes = count_scene(rng, size)
+        n = sum(s.kind == asked for s in shapes)
         return Example([render(shapes, size)], f"How many {asked}s are there?", NUMBERS[n], kind)
     if kind == "caption":
         shapes = random_scene(rng, size, rng.randint(1, 3))

@@ -29,7 +29,7 @@ from vlmkit.demo.shapes import (
     QUESTION_TYPES,
     SHAPES,
     Example,
-    Shape,
+    count_scene,
     make_example,
     random_scene,
     render,
@@ -60,18 +60,10 @@ def counting_rounds(pictures: int, per_picture: int, seed: int = KNOWN_SEED) -> 
     rng = random.Random(seed)
     out = []
     for _ in range(pictures):  # scenes drawn as the demo's counting questions draw them
-        asked = rng.choice(SHAPES)
-        n = rng.randint(0, 3)
-        others = [
-            rng.choice([k for k in SHAPES if k != asked]) for _ in range(rng.randint(int(n == 0), 4 - n))
-        ]
-        kinds = [asked] * n + others
-        rng.shuffle(kinds)
-        scene = random_scene(rng, IMAGE_SIZE, len(kinds))
-        shapes = [Shape(k, s.color, s.cx, s.cy, s.r) for k, s in zip(kinds, scene, strict=True)]
+        asked, shapes = count_scene(rng, IMAGE_SIZE)
         image = render(shapes, IMAGE_SIZE)
         for kind in [asked, *rng.sample([k for k in SHAPES if k != asked], per_picture - 1)]:
-            answer = NUMBERS[kinds.count(kind)]
+            answer = NUMBERS[sum(s.kind == kind for s in shapes)]
             out.append(Example([image], f"How many {kind}s are there?", answer, "count"))
     return out
 
@@ -94,10 +86,11 @@ def write_vqav2(folder: Path, examples: list[Example], *, okvqa: bool = False, f
     questions, annotations = [], []
     written: dict[int, int] = {}  # id(image) -> its picture id
     for i, ex in enumerate(examples):
-        image_id, qid = written.get(id(ex.images[0]), 1000 + first_id + i), 5000 + first_id + i
-        if id(ex.images[0]) not in written:
-            written[id(ex.images[0])] = image_id
-            save_png(ex.images[0], folder / "val2014" / f"COCO_val2014_{image_id:012d}.jpg")
+        qid, picture = 5000 + first_id + i, id(ex.images[0])
+        if picture not in written:
+            written[picture] = 1000 + first_id + i
+            save_png(ex.images[0], folder / "val2014" / f"COCO_val2014_{written[picture]:012d}.jpg")
+        image_id = written[picture]
         questions.append({"image_id": image_id, "question": ex.question, "question_id": qid})
         answers = [{"answer": ex.answer, "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)]
         annotations.append(

@@ -14,7 +14,7 @@ import torch
 
 from vlmkit.image_processor import ImageProcessor
 from vlmkit.images import DEFAULT_MAX_PIXELS, ImageInput
-from vlmkit.processing import read_processor_files, split_messages
+from vlmkit.processing import check_return_tensors, read_processor_files, split_messages
 from vlmkit.tokenizer import Tokenizer
 
 FAKE_TOKEN = "<fake_token_around_image>"
@@ -158,8 +158,7 @@ class IdeficsProcessor:
         """text: a list of samples, each a list of strings and images (or one such sample); or, as in
         transformers 5, `text=[prompt, ...]` with `images=[[image, ...], ...]` (each prompt followed by its
         images)."""
-        if return_tensors != "pt":
-            raise ValueError("the IDEFICS processor returns torch tensors only (return_tensors='pt')")
+        check_return_tensors(return_tensors)
         samples = self._samples(text, images)
         if add_end_of_utterance_token is None:
             add_end_of_utterance_token = self.has_end_of_utterance

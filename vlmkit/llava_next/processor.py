@@ -10,7 +10,7 @@ import torch
 
 from vlmkit.images import DEFAULT_MAX_PIXELS, ImageInput
 from vlmkit.llava_next.anyres import AnyResImageProcessor, best_resolution, grid_tokens
-from vlmkit.processing import read_processor_files
+from vlmkit.processing import check_return_tensors, read_processor_files
 from vlmkit.tokenizer import Tokenizer
 from vlmkit.vipllava.processor import LLAVA_TEMPLATE, LlavaProcessor, prompts_and_images
 
@@ -130,10 +130,7 @@ class LlavaNextProcessor:
         return_tensors: str = "pt",
         allow_remote: bool = False,
     ) -> dict[str, torch.Tensor]:
-        if return_tensors != "pt":
-            raise ValueError(
-                f"this processor returns torch tensors only (return_tensors='pt'), got {return_tensors!r}"
-            )
+        check_return_tensors(return_tensors)
         texts, flat = prompts_and_images(text, images, self.image_token)
         out: dict[str, torch.Tensor] = {}
         counts: list[int] = []

@@ -11,7 +11,7 @@ import torch
 
 from vlmkit.image_processor import ImageProcessor
 from vlmkit.images import DEFAULT_MAX_PIXELS, ImageInput
-from vlmkit.processing import read_processor_files, split_messages
+from vlmkit.processing import check_return_tensors, read_processor_files, split_messages
 from vlmkit.tokenizer import Tokenizer
 
 # The prompt format of the ViP-LLaVA release, used when a checkpoint carries no chat template.
@@ -135,10 +135,7 @@ class LlavaProcessor:
         return_tensors: str = "pt",
         allow_remote: bool = False,
     ) -> dict[str, torch.Tensor]:
-        if return_tensors != "pt":
-            raise ValueError(
-                f"this processor returns torch tensors only (return_tensors='pt'), got {return_tensors!r}"
-            )
+        check_return_tensors(return_tensors)
         texts, flat = prompts_and_images(text, images, self.image_token)
         out: dict[str, torch.Tensor] = {}
         if flat:
