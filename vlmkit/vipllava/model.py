@@ -154,13 +154,12 @@ class VipLlavaModel(InlineImagesRunner, GenerationMixin, SavePretrainedMixin, nn
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss)
 
-    def check_image_tokens(self, input_ids: torch.Tensor | int, n_images: int) -> None:
-        """Raise unless input_ids (or that many `<image>` tokens) hold exactly one run of `<image>` tokens per
-        image."""
-        if isinstance(input_ids, int):
-            n_tokens = input_ids
-        else:
-            n_tokens = int((input_ids == self.config.image_token_index).sum())
+    def check_image_tokens(self, input_ids: torch.Tensor, n_images: int) -> None:
+        """Raise unless input_ids hold exactly one run of `<image>` tokens per image."""
+        self.check_image_count(int((input_ids == self.config.image_token_index).sum()), n_images)
+
+    def check_image_count(self, n_tokens: int, n_images: int) -> None:
+        """Raise unless `n_tokens` `<image>` tokens are one run per image."""
         per = self.config.image_tokens_per_image
         if n_tokens != n_images * per:
             raise ValueError(
@@ -207,7 +206,7 @@ class VipLlavaModel(InlineImagesRunner, GenerationMixin, SavePretrainedMixin, nn
         # one prompt's positions in plain Python: per request, cheaper than a few small tensor operations
         image = self.config.image_token_index
         where = [t for t, token in enumerate(ids[0].tolist()) if token == image]
-        self.check_image_tokens(len(where), n)
+        self.check_image_count(len(where), n)
         per = self.config.image_tokens_per_image
         items = [
             ImageItem(pixels=pixels[j], key=content_key(pixels[j]), positions=where[j * per : (j + 1) * per])
